@@ -1,0 +1,160 @@
+"""Results in xfstests' layout and words.
+
+results/<section>/<case-id>.<stack>-<underlay>.full   the case's log, always
+                 /<...>.out.bad                        what went wrong, on failure
+                 /<...>.dmesg                          the kernel log, on failure
+                 /check.log                            one block appended per run
+                 /check.time                           last duration of each case
+                 /result.xml                           JUnit, one testcase per case x stack x underlay
+"""
+
+import datetime
+import json
+import os
+import socket
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+
+PASS, FAIL, NOTRUN, XFAIL = "pass", "fail", "notrun", "xfail"
+
+
+@dataclass
+class CaseResult:
+    case_id: str
+    param: str            # "<stack>-<underlay>"
+    outcome: str          # PASS, FAIL, NOTRUN or XFAIL
+    duration: float = 0.0
+    reason: str = ""      # not-run or expected-failure reason; failure summary
+    title: str = ""
+    bug: str = ""
+    groups: tuple = ()
+    stack: str = ""
+    underlay: str = ""
+    full: str = ""        # the case's log
+    out_bad: str = ""     # failure details
+    dmesg: str = ""       # kernel log during the case
+    properties: dict = field(default_factory=dict)
+
+    @property
+    def name(self):
+        return f"{self.case_id}[{self.param}]" if self.param else self.case_id
+
+    @property
+    def stem(self):
+        return f"{self.case_id}.{self.param}" if self.param else self.case_id
+
+
+def unusable(results_dir):
+    """Why results cannot be written under results_dir, or None."""
+    try:
+        os.makedirs(results_dir, exist_ok=True)
+        probe = os.path.join(results_dir, f".stackcheck-write-test-{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.unlink(probe)
+    except OSError as e:
+        return f"cannot write results to {results_dir}: {e.strerror}"
+    return None
+
+
+class Results:
+    def __init__(self, results_dir, section, kernel, probe=None):
+        self.section = section
+        self.kernel = kernel
+        self.probe = probe
+        self.dir = os.path.join(results_dir, section)
+        os.makedirs(self.dir, exist_ok=True)
+        self.cases = []
+        self.started = datetime.datetime.now()
+        self._times_path = os.path.join(self.dir, "check.time")
+        try:
+            with open(self._times_path) as f:
+                self._last_times = json.load(f)
+        except (OSError, ValueError):
+            self._last_times = {}
+
+    def path(self, result, suffix):
+        return os.path.join(self.dir, result.stem + suffix)
+
+    def last_duration(self, name):
+        return self._last_times.get(name)
+
+    def add(self, result):
+        """Record one finished case and write its files."""
+        self.cases.append(result)
+        os.makedirs(os.path.dirname(self.path(result, ".full")), exist_ok=True)
+        with open(self.path(result, ".full"), "w") as f:
+            f.write(result.full)
+        for suffix, text in ((".out.bad", result.out_bad), (".dmesg", result.dmesg)):
+            path = self.path(result, suffix)
+            if result.outcome == FAIL and text:
+                with open(path, "w") as f:
+                    f.write(text)
+            elif os.path.exists(path):  # left by an earlier run of the case
+                os.unlink(path)
+
+    def by_outcome(self, outcome):
+        return [c for c in self.cases if c.outcome == outcome]
+
+    def summary_lines(self):
+        ran = [c for c in self.cases if c.outcome != NOTRUN]
+        failed = self.by_outcome(FAIL)
+        lines = [f"SECTION       -- {self.section}",
+                 "Ran: " + " ".join(c.name for c in ran)]
+        if self.by_outcome(NOTRUN):
+            lines.append("Not run: " + " ".join(c.name for c in self.by_outcome(NOTRUN)))
+        if self.by_outcome(XFAIL):
+            lines.append("Expected failures: " + " ".join(c.name for c in self.by_outcome(XFAIL)))
+        if failed:
+            lines.append("Failures: " + " ".join(c.name for c in failed))
+            lines.append(f"Failed {len(failed)} of {len(ran)} tests")
+        else:
+            lines.append(f"Passed all {len(ran)} tests")
+        return lines
+
+    def finish(self, interrupted=False):
+        """Write check.log, check.time and result.xml for the whole run."""
+        ended = datetime.datetime.now()
+        with open(os.path.join(self.dir, "check.log"), "a") as f:
+            f.write(f"{ended:%a %b %d %H:%M:%S %Z %Y}\n")
+            if interrupted:
+                f.write("Interrupted!\n")
+            f.write("\n".join(self.summary_lines()[1:]) + "\n")
+        times = dict(self._last_times)
+        times.update({c.name: round(c.duration, 3) for c in self.cases if c.outcome != NOTRUN})
+        with open(self._times_path, "w") as f:
+            json.dump(times, f, indent=0, sort_keys=True)
+        self.write_xml(ended)
+
+    def write_xml(self, ended):
+        suite = ET.Element("testsuite", {
+            "name": "stackcheck", "hostname": socket.gethostname(),
+            "timestamp": self.started.isoformat(timespec="seconds"),
+            "time": f"{(ended - self.started).total_seconds():.3f}",
+            "tests": str(len(self.cases)), "failures": str(len(self.by_outcome(FAIL))),
+            "skipped": str(len(self.by_outcome(NOTRUN)) + len(self.by_outcome(XFAIL))), "errors": "0"})
+        props = ET.SubElement(suite, "properties")
+        run_props = {"section": self.section, "kernel": self.kernel}
+        if self.probe is not None:
+            for name, entry in sorted(self.probe.features.items()):
+                run_props[f"probe.{name}"] = "yes" if entry["ok"] else f"no: {entry['detail']}"
+        for name, value in run_props.items():
+            ET.SubElement(props, "property", {"name": name, "value": value})
+        for c in self.cases:
+            case = ET.SubElement(suite, "testcase", {
+                "classname": f"stackcheck.{self.section}", "name": c.name, "time": f"{c.duration:.3f}"})
+            cprops = ET.SubElement(case, "properties")
+            for name, value in (("case", c.case_id), ("stack", c.stack), ("underlay", c.underlay),
+                                ("groups", " ".join(c.groups)), ("bug", c.bug), *c.properties.items()):
+                if value:
+                    ET.SubElement(cprops, "property", {"name": name, "value": str(value)})
+            if c.outcome == NOTRUN:
+                ET.SubElement(case, "skipped", {"message": c.reason})
+            elif c.outcome == XFAIL:
+                ET.SubElement(case, "skipped", {"type": "expected-failure", "message": c.reason})
+            elif c.outcome == FAIL:
+                failure = ET.SubElement(case, "failure", {"message": c.reason.splitlines()[0] if c.reason else "failed"})
+                failure.text = c.out_bad
+            ET.SubElement(case, "system-out").text = os.path.relpath(self.path(c, ".full"), self.dir)
+        ET.indent(suite)
+        ET.ElementTree(suite).write(os.path.join(self.dir, "result.xml"), encoding="utf-8", xml_declaration=True)

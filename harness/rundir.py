@@ -1,0 +1,119 @@
+"""The run directory: everything a run creates lives under it, tagged "stackcheck".
+
+<base>/run-<pid>-<random>/owner records the owning process (pid and its start
+time, so a recycled pid is not mistaken for the owner).  A run killed with
+SIGKILL leaves that record behind; the next run finds it and removes what the
+dead run left: FUSE connections aborted, mounts below the directory unmounted
+deepest first, loop devices over its images detached, dm devices with its
+prefix removed, recorded daemons killed, then the directory itself.
+"""
+
+import json
+import os
+import shutil
+import signal
+import tempfile
+
+import psutil
+
+from harness import loopdev, mounts
+
+TAG = "stackcheck"
+
+
+def default_base():
+    return os.path.join(tempfile.gettempdir(), TAG)
+
+
+def _start_time(pid):
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+class RunDir:
+    def __init__(self, path):
+        self.path = path
+        self.run_id = os.path.basename(path)
+
+    @classmethod
+    def create(cls, base=None):
+        base = base or default_base()
+        os.makedirs(base, exist_ok=True)
+        path = tempfile.mkdtemp(prefix=f"run-{os.getpid()}-", dir=base)
+        os.chmod(path, 0o755)  # container users must be able to walk to the stack mounts
+        run = cls(path)
+        with open(os.path.join(path, "owner"), "w") as f:
+            json.dump({"pid": os.getpid(), "start": _start_time(os.getpid())}, f)
+        return run
+
+    def sub(self, *parts):
+        path = os.path.join(self.path, *parts)
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    @property
+    def dm_prefix(self):
+        """Device-mapper names of this run start with this."""
+        return f"{TAG}-{self.run_id}-"
+
+    def record_process(self, pid, what):
+        """Remember a daemon so that a crashed run's successor can kill it."""
+        with open(os.path.join(self.path, f"pid.{pid}"), "w") as f:
+            json.dump({"pid": pid, "start": _start_time(pid), "what": what}, f)
+
+    def forget_process(self, pid):
+        try:
+            os.unlink(os.path.join(self.path, f"pid.{pid}"))
+        except FileNotFoundError:
+            pass
+
+    def owner_alive(self):
+        try:
+            with open(os.path.join(self.path, "owner")) as f:
+                owner = json.load(f)
+        except (OSError, ValueError):
+            return False
+        start = _start_time(owner["pid"])
+        return start is not None and abs(start - owner["start"]) < 1.0
+
+    def remove(self):
+        """Tear down everything under the run directory; returns what was found."""
+        found = []
+        for pidfile in sorted(p for p in os.listdir(self.path) if p.startswith("pid.")):
+            try:
+                with open(os.path.join(self.path, pidfile)) as f:
+                    rec = json.load(f)
+            except (OSError, ValueError):
+                continue
+            start = _start_time(rec["pid"])
+            if start is not None and abs(start - rec["start"]) < 1.0:
+                found.append(f"process {rec['pid']} ({rec['what']})")
+                os.kill(rec["pid"], signal.SIGKILL)
+        found += [f"mount {m.mountpoint} ({m.fstype})" for m in mounts.unmount_all_under(self.path)]
+        from harness import dmdev  # late: only runs that may have dm devices need it
+        for name in dmdev.remove_with_prefix(self.dm_prefix):
+            found.append(f"dm device {name}")
+        for dev in loopdev.backed_by(self.path):
+            found.append(f"loop device {dev}")
+            loopdev.force_detach(dev)
+        shutil.rmtree(self.path, ignore_errors=True)
+        return found
+
+
+def recover_leftovers(base=None):
+    """Remove the run directories of runs that died; returns a line per leftover."""
+    base = base or default_base()
+    report = []
+    if not os.path.isdir(base):
+        return report
+    for name in sorted(os.listdir(base)):
+        if not name.startswith("run-"):
+            continue
+        run = RunDir(os.path.join(base, name))
+        if run.owner_alive():
+            continue
+        for what in run.remove():
+            report.append(f"{run.run_id}: removed leftover {what}")
+    return report

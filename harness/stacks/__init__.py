@@ -1,0 +1,55 @@
+"""The stack registry: every module in this package registers its stack kinds.
+
+Adding a kind is one new file here that subclasses Stack and decorates it with
+@register; no case and no fixture changes.
+"""
+
+import importlib
+import pkgutil
+
+from harness.stacks.base import Stack
+
+_VARIANTS = {}  # variant name ("overlay_volatile") -> Stack subclass
+
+
+def register(cls):
+    for variant in cls.variants:
+        if variant in _VARIANTS:
+            raise ValueError(f"stack variant {variant} registered twice")
+        _VARIANTS[variant] = cls
+    return cls
+
+
+def _load():
+    for module in pkgutil.iter_modules(__path__):
+        if module.name != "base":
+            importlib.import_module(f"{__name__}.{module.name}")
+
+
+def variants():
+    """All variant names, in registration order."""
+    return list(_VARIANTS)
+
+
+def kinds():
+    return sorted({cls.kind for cls in _VARIANTS.values()})
+
+
+def stack_class(variant):
+    return _VARIANTS[variant]
+
+
+def select(names):
+    """Variants named by kinds ("overlay": all its variants) or variant names."""
+    chosen = []
+    for name in names:
+        matched = [v for v, cls in _VARIANTS.items() if name in (v, cls.kind)]
+        if not matched:
+            raise KeyError(name)
+        chosen += [v for v in matched if v not in chosen]
+    return chosen
+
+
+_load()
+
+__all__ = ["Stack", "register", "variants", "kinds", "stack_class", "select"]

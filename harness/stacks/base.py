@@ -1,0 +1,80 @@
+"""What every stack kind shares: where things are, and who works through it."""
+
+import logging
+import os
+
+from harness import container, mounts
+
+log = logging.getLogger("stackcheck.stack")
+
+
+class Stack:
+    """A mount stacked on a scratch underlay.
+
+    Subclasses set kind, variants (variant name -> settings), traits and
+    user_map, and implement mount() and _unmount().
+    """
+
+    kind = ""
+    variants = {}
+    # "shift": container ids equal on-disk ids; "union": layers, copy-up.
+    traits = frozenset()
+    # Who works through the stack: a container (an IdMap) or host root (None).
+    user_map = None
+    # Why changes made on the underlay while mounted are undefined, or "".
+    underlay_changes_undefined = ""
+
+    def __init__(self, variant, underlay, workdir):
+        self.variant = variant
+        self.settings = self.variants[variant]
+        self.underlay = underlay
+        self.workdir = workdir
+        self.mountpoint = os.path.join(workdir, "mnt")
+        self.mounted = False
+
+    @classmethod
+    def features(cls, variant):
+        """Probe features the variant needs; "{fs}" stands for the underlay."""
+        return ()
+
+    def mount(self):
+        raise NotImplementedError
+
+    def _unmount(self):
+        mounts.unmount(self.mountpoint)
+
+    def unmount(self):
+        if self.mounted:
+            self._unmount()
+            self.mounted = False
+            log.info("unmounted %s", self.variant)
+
+    def path(self, *rel):
+        """rel through the stack."""
+        return os.path.join(self.mountpoint, *rel)
+
+    def host_path(self, *rel):
+        """Where a host process edits to change what the stack shows at rel."""
+        raise NotImplementedError
+
+    def on_underlay(self, *rel):
+        """Where the object at rel lives on the underlay now."""
+        return self.host_path(*rel)
+
+    def start(self, fn, *args, beside=None):
+        """Start fn(channel, *args) in a process of the stack's user (see
+        container.start); beside=<a running Child>: in the same container."""
+        if beside is not None and self.user_map is not None:
+            return container.start(fn, *args, join=beside.pid)
+        return container.start(fn, *args, idmap=self.user_map)
+
+    def run(self, fn, *args, beside=None):
+        """fn(*args) in a process of the stack's user; returns fn's result."""
+        return self.start(lambda _channel, *a: fn(*a), *args, beside=beside).result()
+
+    def host_ids(self, container_id):
+        """The id a container id has on the host (itself when there is no container)."""
+        return self.user_map.to_host(container_id) if self.user_map else container_id
+
+    def describe(self):
+        return f"{self.variant} at {self.mountpoint} over {self.underlay.describe()}"

@@ -1,0 +1,51 @@
+"""Idmapped mounts, the upstream successor of shiftfs (Documentation/filesystems/idmappings.rst).
+
+A bind mount of the underlay's source directory made with open_tree(2),
+given the container's user namespace with mount_setattr(MOUNT_ATTR_IDMAP) and
+attached with move_mount(2).  On-disk id N shows as host id 100000+N, which
+the container sees as N.
+"""
+
+import logging
+import os
+
+from harness import container, syscalls
+from harness.stacks import register
+from harness.stacks.base import Stack
+
+log = logging.getLogger("stackcheck.stack")
+
+
+@register
+class Idmapped(Stack):
+    kind = "idmapped"
+    traits = frozenset({"shift"})
+    variants = {"idmapped": {}}
+    user_map = container.CONTAINER_MAP
+
+    @classmethod
+    def features(cls, variant):
+        return ("userns", "idmapped@{fs}")
+
+    def __init__(self, variant, underlay, workdir):
+        super().__init__(variant, underlay, workdir)
+        self.source = underlay.path("source")
+
+    def mount(self):
+        os.makedirs(self.source, exist_ok=True)
+        os.makedirs(self.mountpoint, exist_ok=True)
+        userns = container.userns_fd(self.user_map)
+        try:
+            tree = syscalls.open_tree(self.source, syscalls.OPEN_TREE_CLONE | syscalls.OPEN_TREE_CLOEXEC)
+            try:
+                syscalls.mount_setattr_idmap(tree, userns)
+                syscalls.move_mount(tree, self.mountpoint)
+            finally:
+                os.close(tree)
+        finally:
+            os.close(userns)
+        log.info("idmapped mount of %s at %s, map %s", self.source, self.mountpoint, self.user_map.line().strip())
+        self.mounted = True
+
+    def host_path(self, *rel):
+        return os.path.join(self.source, *rel)
