@@ -1,9 +1,11 @@
 """Scratch underlays: ext4, xfs and btrfs on loop devices, and tmpfs.
 
-A pool belongs to one worker.  It keeps one sparse image and one loop device
-per block filesystem for its whole life and formats it again for every case
-(mkfs of a 512 MiB sparse image costs milliseconds), so each case starts on a
-fresh filesystem without the cost of new devices.
+A pool belongs to one worker.  Every case gets a new sparse image, a new loop
+device and a fresh mkfs: all three cost milliseconds.  Reusing one device per
+worker is not safe: a container process's mount namespace holds a copy of the
+underlay mount, and when it exits the kernel drops that copy a moment later
+(delayed mntput), so the filesystem can outlive our umount(2) briefly and keep
+the device busy and still writing.  A new device per case never races it.
 """
 
 import contextlib
@@ -59,16 +61,16 @@ class ScratchPool:
     def __init__(self, directory):
         self.directory = directory
         os.makedirs(directory, exist_ok=True)
-        self._loops = {}
+        self._serial = 0
 
-    def _device(self, fstype):
-        if fstype not in self._loops:
-            image = os.path.join(self.directory, f"{TAG}-{fstype}.img")
-            with open(image, "wb") as f:
-                f.truncate(IMAGE_SIZE)
-            self._loops[fstype] = loopdev.LoopDevice(image).attach()
-            log.info("attached %s", self._loops[fstype])
-        return self._loops[fstype].path
+    def _new_device(self, fstype):
+        self._serial += 1
+        image = os.path.join(self.directory, f"{TAG}-{fstype}-{self._serial}.img")
+        with open(image, "wb") as f:
+            f.truncate(IMAGE_SIZE)
+        loop = loopdev.LoopDevice(image).attach()
+        log.info("attached %s", loop)
+        return loop
 
     def format(self, fstype, device, mkfs_options=()):
         cmd = MKFS[fstype] + list(mkfs_options) + ["-L", TAG, device]
@@ -79,28 +81,29 @@ class ScratchPool:
 
     @contextlib.contextmanager
     def underlay(self, fstype, options="", mkfs_options=(), name="underlay"):
-        """A freshly made fstype mounted at <pool>/<name>; unmounted on exit."""
+        """A freshly made fstype mounted at <pool>/<name>; all undone on exit."""
         root = os.path.join(self.directory, name)
         os.makedirs(root, exist_ok=True)
-        if fstype == "tmpfs":
-            device = None
-            syscalls.mount(f"{TAG}-tmpfs", root, "tmpfs", 0, ",".join(filter(None, ["size=512m", options])))
-        else:
-            device = self._device(fstype)
-            self.format(fstype, device, mkfs_options)
-            syscalls.mount(device, root, fstype, 0, options or None)
-        under = Underlay(fstype, root, device, options)
-        log.info("underlay: %s", under.describe())
+        loop = None
         try:
-            yield under
+            if fstype == "tmpfs":
+                syscalls.mount(f"{TAG}-tmpfs", root, "tmpfs", 0,
+                               ",".join(filter(None, ["size=512m", options])))
+            else:
+                loop = self._new_device(fstype)
+                self.format(fstype, loop.path, mkfs_options)
+                syscalls.mount(loop.path, root, fstype, 0, options or None)
+            under = Underlay(fstype, root, loop.path if loop else None, options)
+            log.info("underlay: %s", under.describe())
+            try:
+                yield under
+            finally:
+                mounts.unmount(root)
+                log.info("underlay unmounted: %s", root)
         finally:
-            mounts.unmount(root)
-            log.info("underlay unmounted: %s", root)
+            if loop is not None:
+                loop.detach()  # autoclear finishes it if a dying namespace still holds the fs
+                os.unlink(loop.image)
 
     def close(self):
-        """Detach the pool's loop devices and remove its images."""
-        while self._loops:
-            _, loop = self._loops.popitem()
-            loop.detach()
-            os.unlink(loop.image)
         shutil.rmtree(self.directory, ignore_errors=True)

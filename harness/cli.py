@@ -1,0 +1,194 @@
+"""./check: xfstests' command line, run through pytest.
+
+    ./check [-g GROUP]... [-x GROUP]... [CASE-ID|GLOB]... [--stack S]... [--underlay FS]...
+            [-n] [-j N] [--probe] [--results DIR] [--section NAME] [-- PYTEST-ARGS...]
+    ./check --self-test [PYTEST-ARGS...]
+
+Exit status: 0 all passed or not run, 1 failures, 2 usage or environment error.
+Bad input gets one line on stderr and status 2, before anything is mounted.
+"""
+
+import argparse
+import os
+import signal
+import sys
+
+import pytest
+
+from harness import rundir, scratch, stacks
+from harness.needs import Needs
+from harness.probe import run_probe
+from harness.results import unusable
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+USAGE_ERROR = 2
+
+
+class UsageError(Exception):
+    """Bad input or an unusable environment: one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def parse(argv):
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1:]
+    else:
+        extra = []
+    p = _Parser(prog="check", description="stackcheck: regression tests for stacked filesystems.",
+                epilog="Examples: ./check -g quick;  ./check --stack idmapped --underlay ext4 stack/001;  "
+                       "./check -n -g shift;  ./check --probe")
+    p.add_argument("cases", nargs="*", metavar="CASE-ID|GLOB", help="case ids or globs (stack/001, 'stack/01*')")
+    p.add_argument("-g", dest="groups", action="append", default=[], metavar="GROUP", help="run cases in GROUP")
+    p.add_argument("-x", dest="exclude", action="append", default=[], metavar="GROUP", help="leave out GROUP")
+    p.add_argument("--stack", action="append", default=[], metavar="S",
+                   help=f"stack kind or variant ({', '.join(stacks.variants())})")
+    p.add_argument("--underlay", action="append", default=[], metavar="FS",
+                   help=f"underlay filesystem ({', '.join(scratch.UNDERLAY_FILESYSTEMS)})")
+    p.add_argument("-n", dest="dry_run", action="store_true", help="list what would run, and why the rest would not")
+    p.add_argument("-j", dest="jobs", type=int, default=1, metavar="N", help="run N cases at once (pytest-xdist)")
+    p.add_argument("--probe", action="store_true", help="print what this machine and kernel can do, then exit")
+    p.add_argument("--results", default=os.path.join(ROOT, "results"), metavar="DIR", help="results directory")
+    p.add_argument("--section", help="results section name (default: the kernel release)")
+    p.add_argument("--timeout", type=int, default=300, metavar="SECONDS", help="per-case time limit")
+    p.add_argument("--self-test", action="store_true", help="run stackcheck's own tests (tests/)")
+    args, unknown = p.parse_known_args(argv)
+    if unknown and not args.self_test:
+        raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
+    args.extra = unknown + extra if args.self_test else extra
+    if args.jobs < 1:
+        raise UsageError("-j takes a number of at least 1")
+    return args
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _check_explicit_requests(args, probe):
+    """A stack or underlay asked for by name that this machine lacks is an error."""
+    underlays = args.underlay or list(scratch.UNDERLAY_FILESYSTEMS)
+    for fs in args.underlay:
+        missing = scratch.unavailable(fs, probe)
+        if missing:
+            raise UsageError(f"underlay {fs} is not available: {missing}")
+    for variant in stacks.select(args.stack):
+        features = Needs(features=stacks.stack_class(variant).features(variant))
+        reasons = [features.unmet(probe, fs) for fs in underlays]
+        if all(reasons):
+            raise UsageError(f"stack {variant} is not available: {reasons[0]}")
+
+
+def _pytest_args(args, run, with_selection=True):
+    pargs = [os.path.join(ROOT, "cases"), "--rootdir", ROOT, "-c", os.path.join(ROOT, "pytest.ini"),
+             "--run-dir", run.path, "--results", args.results, "--timeout", str(args.timeout)]
+    selection = (("--group", args.groups), ("--exclude-group", args.exclude), ("--case", args.cases))
+    for flag, values in (selection if with_selection else ()) + (("--stack", args.stack), ("--underlay", args.underlay)):
+        for value in values:
+            pargs += [flag, value]
+    if args.section:
+        pargs += ["--section", args.section]
+    return pargs
+
+
+class _Collector:
+    """Collect-only pass over every case: validates the selection, answers -n."""
+
+    def __init__(self):
+        self.items = []  # (Case, variant, fs)
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collection_modifyitems(self, items):
+        from fixtures.plugin import case_of
+        for item in items:
+            info = case_of(item)
+            spec = item.callspec.params.get("stack_spec") if info and hasattr(item, "callspec") else None
+            if spec:
+                self.items.append((info, *spec))
+
+
+def _select(args, run_dir, probe):
+    """The selected (case, variant, fs, not-run reason) list; bad selections raise."""
+    from fixtures.plugin import selected, selection_problem, why_not_run
+    collector = _Collector()
+    code = pytest.main(_pytest_args(args, run_dir, with_selection=False) + ["--collect-only", "-p", "no:terminal"], plugins=[collector])
+    if code not in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+        raise UsageError(f"collecting the cases failed (pytest exit status {int(code)})")
+    problem = selection_problem([info for info, _, _ in collector.items], args.groups, args.exclude, args.cases)
+    if problem:
+        raise UsageError(problem)
+    return [(info, variant, fs, why_not_run(info, variant, fs, probe))
+            for info, variant, fs in collector.items if selected(info, args.groups, args.exclude, args.cases)]
+
+
+def self_test(args):
+    os.chdir(ROOT)
+    os.execv(sys.executable, [sys.executable, "-m", "pytest", "-c", os.path.join(ROOT, "pytest.ini"),
+                              "--rootdir", ROOT, os.path.join(ROOT, "tests"), *args.extra])
+
+
+def run(args):
+    if os.geteuid() != 0:
+        raise UsageError("must be run as root (it mounts filesystems and attaches loop devices)")
+    if args.self_test:
+        self_test(args)
+    try:
+        stacks.select(args.stack)
+    except KeyError as e:
+        raise UsageError(f"unknown stack: {e.args[0]} (known: {', '.join(stacks.variants())})") from None
+    for fs in args.underlay:
+        if fs not in scratch.UNDERLAY_FILESYSTEMS:
+            raise UsageError(f"unknown underlay: {fs} (known: {', '.join(scratch.UNDERLAY_FILESYSTEMS)})")
+    problem = unusable(args.results)
+    if problem:
+        raise UsageError(problem)
+    for line in rundir.recover_leftovers(os.environ.get("STACKCHECK_RUN_BASE")):
+        print(f"stackcheck: {line}", file=sys.stderr)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    run_dir = rundir.RunDir.create(os.environ.get("STACKCHECK_RUN_BASE"))
+    try:
+        probe = run_probe(run_dir.sub("probe"))
+        with open(os.path.join(run_dir.path, "probe.json"), "w") as f:
+            f.write(probe.to_json())
+        if args.probe:
+            print(probe.table())
+            return 0
+        _check_explicit_requests(args, probe)
+        selection = _select(args, run_dir, probe)
+        if args.dry_run:
+            for info, variant, fs, reason in selection:
+                name = f"{info.case_id} [{variant}-{fs}]"
+                print(f"{name:<36} {'not run: ' + reason if reason else 'would run'}")
+            print(f"{sum(1 for s in selection if not s[3])} of {len(selection)} would run")
+            return 0
+        pargs = _pytest_args(args, run_dir) + ["--check-progress", "-qq", "--tb=no", "-rN"]
+        if args.jobs > 1:
+            pargs += ["-n", str(args.jobs)]
+        code = pytest.main(pargs + args.extra)
+        if code == pytest.ExitCode.NO_TESTS_COLLECTED:
+            print("no case selected")
+            return 0
+        return {pytest.ExitCode.OK: 0, pytest.ExitCode.TESTS_FAILED: 1}.get(code, USAGE_ERROR)
+    finally:
+        for what in run_dir.remove():
+            print(f"stackcheck: teardown left {what} behind; removed it", file=sys.stderr)
+
+
+def main(argv=None):
+    try:
+        args = parse(sys.argv[1:] if argv is None else argv)
+        return run(args)
+    except UsageError as e:
+        print(f"check: {e}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print("check: interrupted", file=sys.stderr)
+        return USAGE_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
