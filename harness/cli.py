@@ -46,7 +46,7 @@ def parse(argv):
     p.add_argument("-g", dest="groups", action="append", default=[], metavar="GROUP", help="run cases in GROUP")
     p.add_argument("-x", dest="exclude", action="append", default=[], metavar="GROUP", help="leave out GROUP")
     p.add_argument("--stack", action="append", default=[], metavar="S",
-                   help=f"stack kind or variant ({', '.join(stacks.variants())})")
+                   help=f"stack variant or glob ({', '.join(stacks.variants())}; 'overlay*')")
     p.add_argument("--underlay", action="append", default=[], metavar="FS",
                    help=f"underlay filesystem ({', '.join(scratch.UNDERLAY_FILESYSTEMS)})")
     p.add_argument("-n", dest="dry_run", action="store_true", help="list what would run, and why the rest would not")
@@ -55,6 +55,8 @@ def parse(argv):
     p.add_argument("--results", default=os.path.join(ROOT, "results"), metavar="DIR", help="results directory")
     p.add_argument("--section", help="results section name (default: the kernel release)")
     p.add_argument("--timeout", type=int, default=300, metavar="SECONDS", help="per-case time limit")
+    p.add_argument("--case-dir", default=os.path.join(ROOT, "cases"), metavar="DIR",
+                   help="where the cases are (default: cases/; e.g. a private suite)")
     p.add_argument("--self-test", action="store_true", help="run stackcheck's own tests (tests/)")
     args, unknown = p.parse_known_args(argv)
     if unknown and not args.self_test:
@@ -84,7 +86,7 @@ def _check_explicit_requests(args, probe):
 
 
 def _pytest_args(args, run, with_selection=True):
-    pargs = [os.path.join(ROOT, "cases"), "--rootdir", ROOT, "-c", os.path.join(ROOT, "pytest.ini"),
+    pargs = [args.case_dir, "--rootdir", ROOT, "-c", os.path.join(ROOT, "pytest.ini"), "-p", "fixtures.plugin",
              "--run-dir", run.path, "--results", args.results, "--timeout", str(args.timeout)]
     selection = (("--group", args.groups), ("--exclude-group", args.exclude), ("--case", args.cases))
     for flag, values in (selection if with_selection else ()) + (("--stack", args.stack), ("--underlay", args.underlay)):
@@ -143,13 +145,18 @@ def run(args):
     for fs in args.underlay:
         if fs not in scratch.UNDERLAY_FILESYSTEMS:
             raise UsageError(f"unknown underlay: {fs} (known: {', '.join(scratch.UNDERLAY_FILESYSTEMS)})")
+    if not os.path.isdir(args.case_dir):
+        raise UsageError(f"no case directory {args.case_dir}")
     problem = unusable(args.results)
     if problem:
         raise UsageError(problem)
     for line in rundir.recover_leftovers(os.environ.get("STACKCHECK_RUN_BASE")):
         print(f"stackcheck: {line}", file=sys.stderr)
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    run_dir = rundir.RunDir.create(os.environ.get("STACKCHECK_RUN_BASE"))
+    try:
+        run_dir = rundir.RunDir.create(os.environ.get("STACKCHECK_RUN_BASE"))
+    except (OSError, RuntimeError) as e:
+        raise UsageError(str(e)) from None
     try:
         probe = run_probe(run_dir.sub("probe"))
         with open(os.path.join(run_dir.path, "probe.json"), "w") as f:

@@ -55,54 +55,78 @@ def _read_all(fd):
     return b"".join(chunks)
 
 
-def _start_child(idmap, new_mount_ns, join=None):
-    """Fork; the child enters a new user namespace whose map the parent writes
-    (or joins the user and mount namespaces of process `join`).
+def _fork(body, idmap=None, new_mount_ns=True, join=None):
+    """Fork a child that enters a new user namespace whose map the parent
+    writes (or joins the user and mount namespaces of process `join`), becomes
+    that namespace's root, runs body() and exits.  The child never returns
+    into the caller's code, whatever fails.
 
-    Returns (pid, go_write_fd) in the parent, (0, None) in the child once its
-    ids are mapped.  Pipes, not sleeps, order the two sides.
+    Returns (pid, go_fd) in the parent: the child waits until the parent
+    writes b"g" to go_fd.  Pipes, not sleeps, order the two sides.
     """
     ready_r, ready_w = os.pipe()
     go_r, go_w = os.pipe()
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:
-        os.close(ready_r)
-        os.close(go_w)
-        _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if join is not None:
-            idmap = idmap or CONTAINER_MAP  # joined: become that container's root
-            for ns in ("user", "mnt"):
-                fd = os.open(f"/proc/{join}/ns/{ns}", os.O_RDONLY)
-                syscalls.setns(fd)
-                os.close(fd)
-        elif idmap is not None:
-            flags = syscalls.CLONE_NEWUSER | (syscalls.CLONE_NEWNS if new_mount_ns else 0)
-            syscalls.unshare(flags)
-        os.write(ready_w, b"r")
-        os.close(ready_w)
-        if os.read(go_r, 1) != b"g":
-            os._exit(1)
-        os.close(go_r)
-        if idmap is not None:
-            os.setgroups([])
-            os.setresgid(idmap.inside, idmap.inside, idmap.inside)
-            os.setresuid(idmap.inside, idmap.inside, idmap.inside)
-            # setuid clears "dumpable"; without it the container's own processes
-            # could not open each other's /proc/<pid>/fd links (scenario S1.3).
-            _libc.prctl(PR_SET_DUMPABLE, 1)
-        return 0, None
+        status = 1
+        try:
+            os.close(ready_r)
+            os.close(go_w)
+            _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+            if join is not None:
+                idmap = idmap or CONTAINER_MAP  # joined: become that container's root
+                for ns in ("user", "mnt"):
+                    fd = os.open(f"/proc/{join}/ns/{ns}", os.O_RDONLY)
+                    syscalls.setns(fd)
+                    os.close(fd)
+            elif idmap is not None:
+                syscalls.unshare(syscalls.CLONE_NEWUSER | (syscalls.CLONE_NEWNS if new_mount_ns else 0))
+            os.write(ready_w, b"r")
+            os.close(ready_w)
+            ready_w = None
+            if os.read(go_r, 1) == b"g":
+                os.close(go_r)
+                if idmap is not None:
+                    os.setgroups([])
+                    os.setresgid(idmap.inside, idmap.inside, idmap.inside)
+                    os.setresuid(idmap.inside, idmap.inside, idmap.inside)
+                    # setuid clears "dumpable"; without it the container's own processes
+                    # could not open each other's /proc/<pid>/fd links (scenario S1.3).
+                    _libc.prctl(PR_SET_DUMPABLE, 1)
+                    # ...and the parent-death signal: set it again, so that a killed
+                    # harness never leaves container processes behind.
+                    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+                    if os.getppid() != parent:
+                        raise ChildFailed("the harness died while the child started")
+                body()
+                status = 0
+        except BaseException:  # noqa: BLE001 - reported, and the child ends here
+            text = traceback.format_exc()
+            try:
+                if ready_w is not None:
+                    os.write(ready_w, b"E" + text.encode())
+                else:
+                    sys.stderr.write(text)
+                    sys.stderr.flush()
+            finally:
+                os._exit(1)
+        finally:
+            os._exit(status)
     os.close(ready_w)
     os.close(go_r)
     try:
-        if os.read(ready_r, 1) != b"r":
-            raise ChildFailed("child died before entering its namespaces")
+        answer = _read_all(ready_r)
+        if answer != b"r":
+            raise ChildFailed("the child could not enter its namespaces:\n"
+                              + (answer[1:].decode(errors="replace") or "it died"))
         if idmap is not None and join is None:
             for name in ("uid_map", "gid_map"):
                 with open(f"/proc/{pid}/{name}", "w") as f:
                     f.write(idmap.line())
     except BaseException:
-        os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
+        os.close(go_w)
+        _reap(pid)
         raise
     finally:
         os.close(ready_r)
@@ -182,15 +206,13 @@ def start(fn, *args, idmap=None, new_mount_ns=True, join=None):
     """Start fn(channel, *args) in a child (as container root when idmap is
     given; inside the namespaces of the Holder process `join` when given)."""
     parent_end, child_end = socket.socketpair()
-    pid, go_w = _start_child(idmap, new_mount_ns, join)
-    if pid == 0:
+
+    def body():
         parent_end.close()
         conn = Connection(child_end.detach())
-        status = 0
         try:
             message = ("result", fn(_ChildChannel(conn), *args))
         except BaseException as exc:  # noqa: BLE001 - everything goes back to the parent
-            status = 1
             text = traceback.format_exc()
             try:
                 pickle.dumps(exc)
@@ -198,13 +220,14 @@ def start(fn, *args, idmap=None, new_mount_ns=True, join=None):
                 exc = RuntimeError(text)
             exc.add_note("in the stack user's process:\n" + text)
             message = ("error", exc)
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            conn.send(message)
-        finally:
-            os._exit(status)
-    child_end.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        conn.send(message)
+
+    try:
+        pid, go_w = _fork(body, idmap, new_mount_ns, join)
+    finally:
+        child_end.close()
     os.write(go_w, b"g")
     os.close(go_w)
     return Child(pid, Connection(parent_end.detach()), getattr(fn, "__name__", "fn"))
@@ -220,11 +243,7 @@ def run(fn, *args, idmap=None, new_mount_ns=True, join=None):
 def userns_fd(idmap=CONTAINER_MAP):
     """An fd on a fresh user namespace with idmap, as MOUNT_ATTR_IDMAP wants."""
     hold_r, hold_w = os.pipe()
-    pid, go_w = _start_child(idmap, new_mount_ns=False)
-    if pid == 0:
-        os.close(hold_w)
-        os.read(hold_r, 1)  # lives until the parent has opened the namespace
-        os._exit(0)
+    pid, go_w = _fork(lambda: os.read(hold_r, 1), idmap, new_mount_ns=False)  # lives until we let go
     os.close(hold_r)
     try:
         os.write(go_w, b"g")
@@ -240,24 +259,24 @@ class Holder:
     mounts made in them (shiftfs is mounted from inside the container)."""
 
     def __init__(self, idmap, setup, *args):
-        self.idmap = idmap
         result_r, result_w = os.pipe()
-        self._hold_r, self._hold_w = os.pipe()
-        self.pid, go_w = _start_child(idmap, new_mount_ns=True)
-        if self.pid == 0:
+        hold_r, self._hold_w = os.pipe()
+
+        def body():
             os.close(result_r)
             os.close(self._hold_w)
             try:
                 setup(*args)
-                os.write(result_w, b"ok")
-            except BaseException:  # noqa: BLE001 - reported to the parent
+            except BaseException:
                 os.write(result_w, traceback.format_exc().encode())
-                os._exit(1)
+                raise
+            os.write(result_w, b"ok")
             os.close(result_w)
-            os.read(self._hold_r, 1)
-            os._exit(0)
+            os.read(hold_r, 1)  # until stop() closes the other end
+
+        self.pid, go_w = _fork(body, idmap)
         os.close(result_w)
-        os.close(self._hold_r)
+        os.close(hold_r)
         try:
             os.write(go_w, b"g")
             os.close(go_w)

@@ -32,6 +32,18 @@ def _start_time(pid):
         return None
 
 
+def unreachable(directory):
+    """Why container users (host uid 100000+) cannot walk down to directory, or None."""
+    path = os.path.realpath(directory)
+    while True:
+        if not os.stat(path).st_mode & 0o001:
+            return (f"run directory base {directory} is not reachable by container users: "
+                    f"{path} has mode {os.stat(path).st_mode & 0o777:o} (needs o+x)")
+        if path == "/":
+            return None
+        path = os.path.dirname(path)
+
+
 class RunDir:
     def __init__(self, path):
         self.path = path
@@ -40,7 +52,10 @@ class RunDir:
     @classmethod
     def create(cls, base=None):
         base = base or default_base()
-        os.makedirs(base, exist_ok=True)
+        os.makedirs(base, mode=0o755, exist_ok=True)
+        problem = unreachable(base)
+        if problem:
+            raise RuntimeError(problem)
         path = tempfile.mkdtemp(prefix=f"run-{os.getpid()}-", dir=base)
         os.chmod(path, 0o755)  # container users must be able to walk to the stack mounts
         run = cls(path)

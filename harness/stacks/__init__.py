@@ -4,6 +4,7 @@ Adding a kind is one new file here that subclasses Stack and decorates it with
 @register; no case and no fixture changes.
 """
 
+import fnmatch
 import importlib
 import pkgutil
 
@@ -40,10 +41,12 @@ def stack_class(variant):
 
 
 def select(names):
-    """Variants named by kinds ("overlay": all its variants) or variant names."""
+    """Variants by name or glob ("overlay", "overlay*"); a kind name that is not
+    itself a variant ("fuse") stands for all of that kind's variants."""
     chosen = []
     for name in names:
-        matched = [v for v, cls in _VARIANTS.items() if name in (v, cls.kind)]
+        matched = [v for v in _VARIANTS if fnmatch.fnmatchcase(v, name)]
+        matched = matched or [v for v, cls in _VARIANTS.items() if cls.kind == name]
         if not matched:
             raise KeyError(name)
         chosen += [v for v in matched if v not in chosen]

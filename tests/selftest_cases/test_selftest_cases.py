@@ -1,0 +1,55 @@
+"""Cases that exist only to test the harness: each behaves in one known way.
+
+The harness's tests run them through ./check --case-dir; they are not part of
+the suite.
+"""
+
+import errno
+import os
+
+from fixtures import Needs, case, expect_errno, step
+from harness import kmsg
+
+GROUPS = ("selftest",)
+
+
+def _open_missing(root):
+    with step("selftest: open a file that was never created"):
+        os.open(os.path.join(root, "missing"), os.O_RDONLY)
+
+
+@case("selftest/001", "Fails at a named step with ENOENT", GROUPS)
+def test_fails_with_errno(stack):
+    stack.run(_open_missing, stack.path())
+
+
+@case("selftest/002", "Needs a kernel from the future", GROUPS, needs=Needs(min_kernel="99.0"))
+def test_needs_future_kernel(stack):
+    raise AssertionError("selftest/002 must never run")
+
+
+@case("selftest/003", "The kernel logs a WARNING during the case", GROUPS)
+def test_kernel_warning(stack, stackcheck_run):
+    kmsg.inject("WARNING: injected by selftest/003", stackcheck_run.run.run_id)
+
+
+def _list_root(root):
+    expect_errno(errno.ENOENT, "selftest: stat a missing name", os.stat, os.path.join(root, "missing"))
+    return os.listdir(root)
+
+
+@case("selftest/004", "Passes", GROUPS)
+def test_passes(stack):
+    stack.run(_list_root, stack.path())
+
+
+def _announce_then_block(fifo):
+    with open(fifo, "w") as f:  # returns once the test opens the FIFO to read
+        f.write("mounted\n")
+    os.open(fifo + ".never", os.O_RDONLY)  # a FIFO no one writes: blocks until killed
+
+
+@case("selftest/005", "Blocks inside the stack user's process, with the stack mounted, until signalled",
+      GROUPS)
+def test_blocks_until_signalled(stack):
+    stack.run(_announce_then_block, os.environ["STACKCHECK_SELFTEST_FIFO"])

@@ -1,0 +1,109 @@
+"""Nothing of the harness is left behind: after a pass, a failure, SIGINT,
+SIGTERM, and a SIGKILL followed by a fresh run (which cleans up after it)."""
+
+import os
+import select
+import signal
+
+import psutil
+import pytest
+
+from conftest import harness_traces
+
+ONE_STACK = ("--stack", "idmapped", "--underlay", "ext4")
+NOTHING = {"mounts": [], "loops": []}
+
+
+def processes_of(marker):
+    """Processes whose command line carries marker (the run's --section)."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline", "status"]):
+        if marker in " ".join(proc.info["cmdline"] or []) and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(proc.info["pid"])
+    return found
+
+
+def run_dirs(check):
+    return [name for name in os.listdir(check.run_base) if name.startswith("run-")]
+
+
+def start_blocking_case(check, marker):
+    """./check on selftest/005; returns once the case is inside the stack user's
+    process with the stack mounted (it says so through a FIFO: no sleep)."""
+    fifo = os.path.join(check.run_base, f"announce-{marker}")  # the container must reach it
+    for path in (fifo, fifo + ".never"):  # the case blocks opening .never: no writer ever comes
+        os.mkfifo(path)
+        os.chmod(path, 0o666)
+    check.env["STACKCHECK_SELFTEST_FIFO"] = fifo
+    proc = check.start("selftest/005", *ONE_STACK, "--section", marker, selftest=True)
+    announce = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    exited = os.pidfd_open(proc.pid)
+    try:
+        # Wait for the announcement, or for ./check to end without making it.
+        ready, _, _ = select.select([announce, exited], [], [], 120)
+        if announce not in ready:
+            proc.kill()
+            out, err = proc.communicate()
+            pytest.fail(f"selftest/005 never announced itself:\n{out}\n{err}")
+        assert os.read(announce, 64) == b"mounted\n"
+    finally:
+        os.close(announce)
+        os.close(exited)
+    traces = harness_traces(check.run_base)
+    assert traces["mounts"] and traces["loops"], "the case should be running with its stack mounted"
+    return proc
+
+
+@pytest.mark.parametrize("selftest_case, status", [("selftest/004", 0), ("selftest/001", 1)])
+def test_pass_or_fail_leaves_nothing(check, selftest_case, status):
+    marker = f"leaktest-{selftest_case.replace('/', '-')}"
+    done = check(selftest_case, *ONE_STACK, "--section", marker, selftest=True)
+    assert done.returncode == status, done.stdout + done.stderr
+    assert harness_traces(check.run_base) == NOTHING
+    assert processes_of(marker) == []
+    assert run_dirs(check) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_mid_case_tears_down(check, signum):
+    marker = f"leaktest-signal-{signum}"
+    proc = start_blocking_case(check, marker)
+    proc.send_signal(signum)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out + err
+    assert harness_traces(check.run_base) == NOTHING
+    assert processes_of(marker) == []
+    assert run_dirs(check) == []
+
+
+def test_sigkill_leftovers_are_removed_by_the_next_run(check):
+    marker = "leaktest-sigkill"
+    proc = start_blocking_case(check, marker)
+    proc.kill()
+    proc.communicate(timeout=60)
+    left = harness_traces(check.run_base)
+    assert left["mounts"], "SIGKILL cannot tear down: the stack and underlay stay mounted"
+    (dead_run,) = run_dirs(check)
+    done = check("selftest/004", *ONE_STACK, selftest=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for mountpoint in left["mounts"]:
+        assert f"{dead_run}: removed leftover mount {mountpoint}" in done.stderr
+    assert harness_traces(check.run_base) == NOTHING
+    assert processes_of(marker) == []
+    assert run_dirs(check) == []
+
+
+def test_live_runs_are_not_touched(check):
+    """A second run started while the first is mid-case leaves the first alone."""
+    marker = "leaktest-concurrent"
+    proc = start_blocking_case(check, marker)
+    try:
+        before = harness_traces(check.run_base)
+        done = check("selftest/004", *ONE_STACK, selftest=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "removed leftover" not in done.stderr
+        assert harness_traces(check.run_base) == before
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=120)
+    assert harness_traces(check.run_base) == NOTHING
