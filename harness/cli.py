@@ -16,7 +16,6 @@ import sys
 import pytest
 
 from harness import rundir, scratch, stacks
-from harness.needs import Needs
 from harness.probe import run_probe
 from harness.results import unusable
 
@@ -79,8 +78,7 @@ def _check_explicit_requests(args, probe):
         if missing:
             raise UsageError(f"underlay {fs} is not available: {missing}")
     for variant in stacks.select(args.stack):
-        features = Needs(features=stacks.stack_class(variant).features(variant))
-        reasons = [features.unmet(probe, fs) for fs in underlays]
+        reasons = [stacks.unavailable(variant, fs, probe) for fs in underlays]
         if all(reasons):
             raise UsageError(f"stack {variant} is not available: {reasons[0]}")
 

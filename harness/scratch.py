@@ -6,6 +6,13 @@ worker is not safe: a container process's mount namespace holds a copy of the
 underlay mount, and when it exits the kernel drops that copy a moment later
 (delayed mntput), so the filesystem can outlive our umount(2) briefly and keep
 the device busy and still writing.  A new device per case never races it.
+
+Most images live on a tmpfs of the pool's own: a loop device passes every
+flush (mkfs's fsync, umount's sync) on to its backing file, and on a disk
+that is a real cache flush per case.  xfs images stay on the run directory's
+disk: mkfs.xfs zeroes its 64 MiB log with BLKZEROOUT, which a disk
+filesystem turns into a free fallocate while tmpfs must write every page
+(measured: 19 ms per case on disk, 41 ms on tmpfs).
 """
 
 import contextlib
@@ -20,6 +27,9 @@ from harness.rundir import TAG
 log = logging.getLogger("stackcheck.scratch")
 
 IMAGE_SIZE = 512 << 20
+# Sparse images use memory only for what is written.
+IMAGES_TMPFS_SIZE = "8g"
+IMAGES_ON_DISK = ("xfs",)
 MKFS = {
     "ext4": ["mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1"],
     "xfs": ["mkfs.xfs", "-q", "-f", "-K"],
@@ -60,12 +70,22 @@ class Underlay:
 class ScratchPool:
     def __init__(self, directory):
         self.directory = directory
-        os.makedirs(directory, exist_ok=True)
+        self.images = os.path.join(directory, "images")
+        os.makedirs(self.images, exist_ok=True)
+        self._images_mounted = False
         self._serial = 0
+
+    def _image_dir(self, fstype):
+        if fstype in IMAGES_ON_DISK:
+            return self.directory
+        if not self._images_mounted:
+            syscalls.mount(f"{TAG}-images", self.images, "tmpfs", 0, f"size={IMAGES_TMPFS_SIZE},mode=0700")
+            self._images_mounted = True
+        return self.images
 
     def _new_device(self, fstype):
         self._serial += 1
-        image = os.path.join(self.directory, f"{TAG}-{fstype}-{self._serial}.img")
+        image = os.path.join(self._image_dir(fstype), f"{TAG}-{fstype}-{self._serial}.img")
         with open(image, "wb") as f:
             f.truncate(IMAGE_SIZE)
         loop = loopdev.LoopDevice(image).attach()
@@ -106,4 +126,7 @@ class ScratchPool:
                 os.unlink(loop.image)
 
     def close(self):
+        if self._images_mounted:
+            mounts.unmount(self.images)  # lazily if a dying namespace still holds an image
+            self._images_mounted = False
         shutil.rmtree(self.directory, ignore_errors=True)

@@ -60,3 +60,14 @@ def harness_traces(run_base):
     loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
     loops = sorted(line for line in loops.splitlines() if run_base in line)
     return {"mounts": mounts, "loops": loops}
+
+
+def fake_probe(**features):
+    """A Probe of an imaginary machine: features given as name=present."""
+    from harness.probe import Probe
+    probe = Probe("6.1.0-test", ["ext4", "tmpfs", "overlay"],
+                  tools={"mkfs.ext4": "/sbin/mkfs.ext4", "emacs": None})
+    probe.set("loop", True)
+    for name, ok in features.items():
+        probe.set(name, ok, "" if ok else f"{name} is missing here")
+    return probe

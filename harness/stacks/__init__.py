@@ -40,6 +40,14 @@ def stack_class(variant):
     return _VARIANTS[variant]
 
 
+def unavailable(variant, fstype, probe):
+    """Why this machine cannot mount variant over an fstype underlay, or None."""
+    from harness import scratch
+    from harness.needs import Needs
+    return (scratch.unavailable(fstype, probe)
+            or Needs(features=stack_class(variant).features(variant)).unmet(probe, fstype))
+
+
 def select(names):
     """Variants by name or glob ("overlay", "overlay*"); a kind name that is not
     itself a variant ("fuse") stands for all of that kind's variants."""
@@ -55,4 +63,4 @@ def select(names):
 
 _load()
 
-__all__ = ["Stack", "register", "variants", "kinds", "stack_class", "select"]
+__all__ = ["Stack", "register", "variants", "kinds", "stack_class", "select", "unavailable"]

@@ -14,6 +14,13 @@ from harness.stacks import register
 from harness.stacks.base import Stack
 
 log = logging.getLogger("stackcheck.stack")
+_userns_fds = {}  # IdMap -> fd: one user namespace per process serves every mount
+
+
+def _userns(idmap):
+    if idmap not in _userns_fds:
+        _userns_fds[idmap] = container.userns_fd(idmap)
+    return _userns_fds[idmap]
 
 
 @register
@@ -34,16 +41,12 @@ class Idmapped(Stack):
     def mount(self):
         os.makedirs(self.source, exist_ok=True)
         os.makedirs(self.mountpoint, exist_ok=True)
-        userns = container.userns_fd(self.user_map)
+        tree = syscalls.open_tree(self.source, syscalls.OPEN_TREE_CLONE | syscalls.OPEN_TREE_CLOEXEC)
         try:
-            tree = syscalls.open_tree(self.source, syscalls.OPEN_TREE_CLONE | syscalls.OPEN_TREE_CLOEXEC)
-            try:
-                syscalls.mount_setattr_idmap(tree, userns)
-                syscalls.move_mount(tree, self.mountpoint)
-            finally:
-                os.close(tree)
+            syscalls.mount_setattr_idmap(tree, _userns(self.user_map))
+            syscalls.move_mount(tree, self.mountpoint)
         finally:
-            os.close(userns)
+            os.close(tree)
         log.info("idmapped mount of %s at %s, map %s", self.source, self.mountpoint, self.user_map.line().strip())
         self.mounted = True
 
