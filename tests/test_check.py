@@ -1,6 +1,8 @@
 """./check end to end, as a user runs it: outcomes, result files, exit statuses."""
 
 import os
+import shutil
+import subprocess
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -101,11 +103,23 @@ def test_bad_input_is_one_line_and_exit_2(check, args, message):
     assert harness_traces(check.run_base) == before
 
 
-def test_not_root_is_refused(check):
-    done = check("-n", preexec_fn=lambda: (os.setgid(65534), os.setuid(65534)))
+def test_not_root_is_refused_before_any_set_up(run_base):
+    """A fresh clone run by a normal user: bootstrap refuses before making a venv."""
+    from conftest import ROOT
+    clone = os.path.join(run_base, "clone")  # reachable by nobody, unlike the real clone may be
+    shutil.copytree(ROOT, clone, ignore=shutil.ignore_patterns(".venv", ".git", "results"))
+    done = subprocess.run([os.path.join(clone, "check"), "-n"], capture_output=True, text=True,
+                          preexec_fn=lambda: (os.setgid(65534), os.setuid(65534)))
     assert done.returncode == 2
-    assert "must be run as root" in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1
+    assert done.stderr.strip() == "stackcheck: must be run as root (it mounts filesystems and attaches loop devices)"
+    assert not os.path.exists(os.path.join(clone, ".venv"))
+
+
+def test_not_root_is_refused_by_the_front_end(monkeypatch, capsys):
+    from harness import cli
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert cli.main(["-g", "quick"]) == 2
+    assert capsys.readouterr().err == "check: must be run as root (it mounts filesystems and attaches loop devices)\n"
 
 
 def test_dry_run_lists_what_would_run_and_why_not(check):
