@@ -107,3 +107,15 @@ def test_live_runs_are_not_touched(check):
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=120)
     assert harness_traces(check.run_base) == NOTHING
+
+
+def test_timeout_fails_the_case_and_still_tears_down(check):
+    fifo = os.path.join(check.run_base, "nobody-reads-this")
+    os.mkfifo(fifo)
+    os.chmod(fifo, 0o666)
+    check.env["STACKCHECK_SELFTEST_FIFO"] = fifo  # the case blocks opening it
+    done = check("selftest/005", *ONE_STACK, "--timeout", "3", selftest=True)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Timeout" in done.stdout
+    assert harness_traces(check.run_base) == NOTHING
+    assert run_dirs(check) == []
