@@ -78,3 +78,22 @@ class Stack:
 
     def describe(self):
         return f"{self.variant} at {self.mountpoint} over {self.underlay.describe()}"
+
+
+class ShiftingStack(Stack):
+    """A stack that shows one source directory of the underlay with ids shifted
+    for a container (idmapped mounts, shiftfs, FUSE shift mode)."""
+
+    traits = frozenset({"shift"})
+    user_map = container.CONTAINER_MAP
+
+    def __init__(self, variant, underlay, workdir):
+        super().__init__(variant, underlay, workdir)
+        self.source = underlay.path("source")
+
+    def _make_dirs(self):
+        os.makedirs(self.source, exist_ok=True)
+        os.makedirs(self.mountpoint, exist_ok=True)
+
+    def host_path(self, *rel):
+        return os.path.join(self.source, *rel)

@@ -11,7 +11,7 @@ import os
 
 from harness import container, syscalls
 from harness.stacks import register
-from harness.stacks.base import Stack
+from harness.stacks.base import ShiftingStack
 
 log = logging.getLogger("stackcheck.stack")
 _userns_fds = {}  # IdMap -> fd: one user namespace per process serves every mount
@@ -24,23 +24,16 @@ def _userns(idmap):
 
 
 @register
-class Idmapped(Stack):
+class Idmapped(ShiftingStack):
     kind = "idmapped"
-    traits = frozenset({"shift"})
     variants = {"idmapped": {}}
-    user_map = container.CONTAINER_MAP
 
     @classmethod
     def features(cls, variant):
         return ("userns", "idmapped@{fs}")
 
-    def __init__(self, variant, underlay, workdir):
-        super().__init__(variant, underlay, workdir)
-        self.source = underlay.path("source")
-
     def mount(self):
-        os.makedirs(self.source, exist_ok=True)
-        os.makedirs(self.mountpoint, exist_ok=True)
+        self._make_dirs()
         tree = syscalls.open_tree(self.source, syscalls.OPEN_TREE_CLONE | syscalls.OPEN_TREE_CLOEXEC)
         try:
             syscalls.mount_setattr_idmap(tree, _userns(self.user_map))
@@ -49,6 +42,3 @@ class Idmapped(Stack):
             os.close(tree)
         log.info("idmapped mount of %s at %s, map %s", self.source, self.mountpoint, self.user_map.line().strip())
         self.mounted = True
-
-    def host_path(self, *rel):
-        return os.path.join(self.source, *rel)

@@ -11,7 +11,7 @@ import os
 
 from harness import container, mounts, syscalls
 from harness.stacks import register
-from harness.stacks.base import Stack
+from harness.stacks.base import ShiftingStack
 
 log = logging.getLogger("stackcheck.stack")
 
@@ -21,24 +21,17 @@ def _mount_shifted(source, target):
 
 
 @register
-class Shiftfs(Stack):
+class Shiftfs(ShiftingStack):
     kind = "shiftfs"
-    traits = frozenset({"shift"})
     variants = {"shiftfs": {}}
-    user_map = container.CONTAINER_MAP
+    holder = None
 
     @classmethod
     def features(cls, variant):
         return ("userns", "shiftfs")
 
-    def __init__(self, variant, underlay, workdir):
-        super().__init__(variant, underlay, workdir)
-        self.source = underlay.path("source")
-        self.holder = None
-
     def mount(self):
-        os.makedirs(self.source, exist_ok=True)
-        os.makedirs(self.mountpoint, exist_ok=True)
+        self._make_dirs()
         syscalls.mount(self.source, self.source, "shiftfs", 0, "mark")
         try:
             self.holder = container.Holder(self.user_map, _mount_shifted, self.source, self.mountpoint)
@@ -57,9 +50,6 @@ class Shiftfs(Stack):
         if self.holder is None:
             return super().path(*rel)
         return os.path.join(f"/proc/{self.holder.pid}/root{self.mountpoint}", *rel)
-
-    def host_path(self, *rel):
-        return os.path.join(self.source, *rel)
 
     def start(self, fn, *args, beside=None):
         # Every process of this stack's user lives in the holder's container.
