@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tomllib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,9 +42,14 @@ def _apt_install(packages):
 
 
 def ensure_debian_packages(project):
-    wanted = project["tool"]["stackcheck"]["debian-packages"]
+    wanted = dict(project["tool"]["stackcheck"]["debian-packages"])
+    # Debian's own python3 keeps its C headers (for building pyfuse3) in python3-dev.
+    wanted[os.path.join(sysconfig.get_paths()["include"], "Python.h")] = "python3-dev"
     path = os.environ.get("PATH", "") + ":" + SBIN_PATH
-    missing = sorted({pkg for tool, pkg in wanted.items() if not shutil.which(tool, path=path)})
+
+    def present(what):
+        return os.path.exists(what) if what.startswith("/") else shutil.which(what, path=path)
+    missing = sorted({pkg for what, pkg in wanted.items() if not present(what)})
     if missing and os.geteuid() == 0 and shutil.which("apt-get"):
         _apt_install(missing)
 

@@ -46,6 +46,8 @@ def parse(argv):
     p.add_argument("-x", dest="exclude", action="append", default=[], metavar="GROUP", help="leave out GROUP")
     p.add_argument("--stack", action="append", default=[], metavar="S",
                    help=f"stack variant or glob ({', '.join(stacks.variants())}; 'overlay*')")
+    p.add_argument("--stack-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="option for stack kinds that take them (fuse-shift: bug=stale-dentry)")
     p.add_argument("--underlay", action="append", default=[], metavar="FS",
                    help=f"underlay filesystem ({', '.join(scratch.UNDERLAY_FILESYSTEMS)})")
     p.add_argument("-n", dest="dry_run", action="store_true", help="list what would run, and why the rest would not")
@@ -87,7 +89,8 @@ def _pytest_args(args, run, with_selection=True):
     pargs = [args.case_dir, "--rootdir", ROOT, "-c", os.path.join(ROOT, "pytest.ini"), "-p", "fixtures.plugin",
              "--run-dir", run.path, "--results", args.results, "--timeout", str(args.timeout)]
     selection = (("--group", args.groups), ("--exclude-group", args.exclude), ("--case", args.cases))
-    for flag, values in (selection if with_selection else ()) + (("--stack", args.stack), ("--underlay", args.underlay)):
+    stack_choice = (("--stack", args.stack), ("--stack-option", args.stack_option), ("--underlay", args.underlay))
+    for flag, values in (selection if with_selection else ()) + stack_choice:
         for value in values:
             pargs += [flag, value]
     if args.section:

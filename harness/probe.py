@@ -181,6 +181,14 @@ def _probe_device_mapper(probe):
         probe.set(f"dm-{target}", present, "" if present else f"device-mapper has no {target} target")
 
 
+def _probe_pyfuse3(probe):
+    try:
+        import pyfuse3  # noqa: F401 - only whether it imports
+        probe.set("pyfuse3", True, "stackfs can run")
+    except ImportError as e:
+        probe.set("pyfuse3", False, f"pyfuse3 is not installed: {e}")
+
+
 def _probe_userns(probe):
     try:
         container.run(os.getuid, idmap=container.CONTAINER_MAP)
@@ -209,6 +217,7 @@ def run_probe(workdir, filesystems=scratch.UNDERLAY_FILESYSTEMS):
     probe.tools = {tool: shutil.which(tool) for tool in TOOLS}
     probe.set("root", os.geteuid() == 0, "" if os.geteuid() == 0 else "not running as root")
     _probe_devices(probe)
+    _probe_pyfuse3(probe)
     _probe_userns(probe)
     _probe_device_mapper(probe)
     has_shiftfs = "shiftfs" in fs_list

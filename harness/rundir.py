@@ -44,6 +44,30 @@ def unreachable(directory):
         path = os.path.dirname(path)
 
 
+def record_process(directory, pid, what):
+    """Remember a daemon (in a directory of the run) so that a crashed run's
+    successor can kill it."""
+    with open(os.path.join(directory, f"pid.{pid}"), "w") as f:
+        json.dump({"pid": pid, "start": _start_time(pid), "what": what}, f)
+
+
+def forget_process(directory, pid):
+    try:
+        os.unlink(os.path.join(directory, f"pid.{pid}"))
+    except FileNotFoundError:
+        pass
+
+
+def _recorded_processes(top):
+    for directory, _, files in os.walk(top):
+        for name in sorted(f for f in files if f.startswith("pid.")):
+            try:
+                with open(os.path.join(directory, name)) as f:
+                    yield json.load(f)
+            except (OSError, ValueError):
+                continue
+
+
 class RunDir:
     def __init__(self, path):
         self.path = path
@@ -73,17 +97,6 @@ class RunDir:
         """Device-mapper names of this run start with this."""
         return f"{TAG}-{self.run_id}-"
 
-    def record_process(self, pid, what):
-        """Remember a daemon so that a crashed run's successor can kill it."""
-        with open(os.path.join(self.path, f"pid.{pid}"), "w") as f:
-            json.dump({"pid": pid, "start": _start_time(pid), "what": what}, f)
-
-    def forget_process(self, pid):
-        try:
-            os.unlink(os.path.join(self.path, f"pid.{pid}"))
-        except FileNotFoundError:
-            pass
-
     def owner_alive(self):
         try:
             with open(os.path.join(self.path, "owner")) as f:
@@ -96,12 +109,7 @@ class RunDir:
     def remove(self):
         """Tear down everything under the run directory; returns what was found."""
         found = []
-        for pidfile in sorted(p for p in os.listdir(self.path) if p.startswith("pid.")):
-            try:
-                with open(os.path.join(self.path, pidfile)) as f:
-                    rec = json.load(f)
-            except (OSError, ValueError):
-                continue
+        for rec in _recorded_processes(self.path):
             start = _start_time(rec["pid"])
             if start is not None and abs(start - rec["start"]) < 1.0:
                 found.append(f"process {rec['pid']} ({rec['what']})")

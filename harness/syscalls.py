@@ -16,6 +16,7 @@ SYS_move_mount = 429
 SYS_mount_setattr = 442
 
 AT_FDCWD = -100
+AT_SYMLINK_NOFOLLOW = 0x100
 AT_SYMLINK_FOLLOW = 0x400
 AT_EMPTY_PATH = 0x1000
 AT_RECURSIVE = 0x8000
@@ -67,6 +68,22 @@ def linkat_follow(source, target):
     links a /proc/self/fd magic link itself instead of the file it names."""
     _check(_libc.linkat(AT_FDCWD, _b(source), AT_FDCWD, _b(target), AT_SYMLINK_FOLLOW),
            f"linkat {source} {target}")
+
+
+def linkat_empty(fd, new_dir_fd, new_name):
+    """A new name for the object of an O_PATH fd (linkat with AT_EMPTY_PATH)."""
+    _check(_libc.linkat(fd, b"", new_dir_fd, _b(new_name), AT_EMPTY_PATH), f"linkat {new_name}")
+
+
+def fchownat_empty(fd, uid, gid):
+    """chown the object of an O_PATH fd itself, symlinks included."""
+    _check(_libc.fchownat(fd, b"", ctypes.c_uint(uid & 0xFFFFFFFF), ctypes.c_uint(gid & 0xFFFFFFFF),
+                          AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW), "fchownat")
+
+
+def renameat2(old_dir_fd, old_name, new_dir_fd, new_name, flags=0):
+    _check(_libc.renameat2(old_dir_fd, _b(old_name), new_dir_fd, _b(new_name), ctypes.c_uint(flags)),
+           f"renameat2 {old_name} {new_name}")
 
 
 def unshare(flags):

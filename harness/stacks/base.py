@@ -24,9 +24,10 @@ class Stack:
     # Why changes made on the underlay while mounted are undefined, or "".
     underlay_changes_undefined = ""
 
-    def __init__(self, variant, underlay, workdir):
+    def __init__(self, variant, underlay, workdir, options=None):
         self.variant = variant
         self.settings = self.variants[variant]
+        self.options = dict(options or {})  # --stack-option KEY=VALUE, for kinds that take them
         self.underlay = underlay
         self.workdir = workdir
         self.mountpoint = os.path.join(workdir, "mnt")
@@ -77,7 +78,8 @@ class Stack:
         return self.user_map.to_host(container_id) if self.user_map else container_id
 
     def describe(self):
-        return f"{self.variant} at {self.mountpoint} over {self.underlay.describe()}"
+        opts = "".join(f", {k}={v}" for k, v in sorted(self.options.items()))
+        return f"{self.variant}{opts} at {self.mountpoint} over {self.underlay.describe()}"
 
 
 class ShiftingStack(Stack):
@@ -87,8 +89,8 @@ class ShiftingStack(Stack):
     traits = frozenset({"shift"})
     user_map = container.CONTAINER_MAP
 
-    def __init__(self, variant, underlay, workdir):
-        super().__init__(variant, underlay, workdir)
+    def __init__(self, variant, underlay, workdir, options=None):
+        super().__init__(variant, underlay, workdir, options)
         self.source = underlay.path("source")
 
     def _make_dirs(self):

@@ -29,8 +29,8 @@ class Overlay(Stack):
     def features(cls, variant):
         return ("overlay@{fs}",) + cls.variants[variant]["features"]
 
-    def __init__(self, variant, underlay, workdir):
-        super().__init__(variant, underlay, workdir)
+    def __init__(self, variant, underlay, workdir, options=None):
+        super().__init__(variant, underlay, workdir, options)
         self.lower, self.upper, self.work = (underlay.path(d) for d in ("lower", "upper", "work"))
 
     def mount(self):

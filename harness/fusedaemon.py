@@ -1,0 +1,118 @@
+"""A FUSE daemon in the foreground, as libfuse's own tests run one.
+
+Started as a subprocess, waited for until it says it has mounted (a ready fd,
+then the mount table: no fixed sleep), stopped by unmounting; if it then
+hangs, its connection is aborted through fusectl, and last it is killed.  A
+daemon that died during the case is reported with its log, and its dead
+mount ("Transport endpoint is not connected") is still removed.
+"""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+
+from harness import mounts, rundir, syscalls
+from harness.rundir import TAG
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STOP_WAIT = 10  # seconds a daemon gets to exit after its unmount, and after an abort
+
+
+class DaemonFailed(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def fusectl():
+    """/sys/fs/fuse/connections, or a private fusectl mount while it is needed."""
+    standard = "/sys/fs/fuse/connections"
+    if mounts.is_mountpoint(standard):
+        yield standard
+        return
+    path = tempfile.mkdtemp(prefix=f"{TAG}-fusectl-")
+    syscalls.mount(f"{TAG}-fusectl", path, "fusectl", 0, None)
+    try:
+        yield path
+    finally:
+        mounts.unmount(path)
+        os.rmdir(path)
+
+
+def abort_connection(mountpoint):
+    found = [m for m in mounts.table() if m.mountpoint == os.path.realpath(mountpoint)
+             and m.fstype.startswith("fuse")]
+    if not found:
+        return False
+    with fusectl() as connections:
+        path = os.path.join(connections, found[-1].device.split(":")[1], "abort")
+        with open(path, "w") as f:
+            f.write("1")
+    return True
+
+
+class FuseDaemon:
+    def __init__(self, argv, mountpoint, workdir, name):
+        self.argv = argv
+        self.mountpoint = mountpoint
+        self.workdir = workdir
+        self.name = name
+        self.log_path = os.path.join(workdir, f"{name}.log")
+        self.proc = None
+
+    def log_text(self):
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()[-8000:]
+        except OSError:
+            return ""
+
+    def start(self):
+        ready_r, ready_w = os.pipe()
+        env = dict(os.environ, PYTHONPATH=ROOT)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.argv + ["--ready-fd", str(ready_w)], pass_fds=(ready_w,),
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                                         start_new_session=True)  # a ^C to the run goes to us, not it
+        os.close(ready_w)
+        rundir.record_process(self.workdir, self.proc.pid, f"{self.name} daemon")
+        try:
+            with os.fdopen(ready_r, "rb") as ready:
+                said = ready.read()  # "ready\n", or nothing if it died first
+        except BaseException:
+            self.stop()
+            raise
+        if said != b"ready\n" or not mounts.is_mountpoint(self.mountpoint):
+            self.stop()
+            raise DaemonFailed(f"{self.name} did not mount {self.mountpoint}; its log:\n{self.log_text()}")
+
+    def stop(self):
+        """Unmount and end the daemon; returns a problem to report, or None."""
+        if self.proc is None:
+            return None
+        died_early = self.proc.poll() is not None
+        problem = None
+        if died_early:
+            problem = (f"{self.name} died during the case (exit status {self.proc.returncode}); "
+                       f"its log:\n{self.log_text()}")
+        mounts.unmount(self.mountpoint)  # a dead or hung daemon's mount is detached lazily
+        try:
+            self.proc.wait(timeout=STOP_WAIT)
+        except subprocess.TimeoutExpired:
+            problem = f"{self.name} hung after its unmount; connection aborted through fusectl"
+            abort_connection(self.mountpoint)
+            try:
+                self.proc.wait(timeout=STOP_WAIT)
+            except subprocess.TimeoutExpired:
+                self.proc.send_signal(signal.SIGKILL)
+                self.proc.wait()
+        rundir.forget_process(self.workdir, self.proc.pid)
+        self.proc = None
+        return problem
+
+
+def python_module(module, *args):
+    """argv that runs one of stackcheck's own modules with this interpreter."""
+    return [sys.executable, "-m", module, *args]

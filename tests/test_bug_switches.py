@@ -1,0 +1,68 @@
+"""Proof that the suite catches the bugs it exists for.
+
+Each bug switch of stackfs brings back one historical bug.  The cases run on
+the fuse-shift stack without it (all pass) and with it (exactly the cases of
+that bug fail, and their messages name the scenario step and the errno or
+the differing content).
+"""
+
+import os
+import re
+
+import pytest
+
+FUSE_SHIFT = ("--stack", "fuse-shift", "--underlay", "tmpfs", "-j", "2")
+NAME = re.compile(r"^(stack/\d+)\[fuse-shift-tmpfs\] - (.*) \(see ", re.M)
+
+SWITCHES = {
+    # switch: (cases that must fail, words every failure message must hold)
+    "estale-reopen": ({"stack/001", "stack/002"}, ("S1.", "got ESTALE")),
+    "unlinked-special": ({"stack/005", "stack/006", "stack/007"}, ("S2 fstat(fd) of the unlinked", "got ENOENT")),
+    "stale-dentry": ({"stack/010", "stack/011", "stack/013", "stack/014", "stack/015"}, ("S3 ",)),
+}
+
+
+def failures(stdout):
+    return {case: message for case, message in NAME.findall(stdout)}
+
+
+def test_no_switch_all_pass(check):
+    done = check(*FUSE_SHIFT, "-g", "quick", timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr
+    assert failures(done.stdout) == {}
+
+
+@pytest.mark.parametrize("switch", sorted(SWITCHES))
+def test_switch_turns_its_cases_red(check, switch):
+    expected, words = SWITCHES[switch]
+    done = check(*FUSE_SHIFT, "-g", "quick", "--stack-option", f"bug={switch}", timeout=900)
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr
+    failed = failures(done.stdout)
+    assert set(failed) == expected, done.stdout[-3000:]
+    for case, message in failed.items():
+        for word in words:
+            assert word in message, f"{case}: {message}"
+    out_bad = open(os.path.join(check.section_dir(), f"{min(expected)}.fuse-shift-tmpfs.out.bad")).read()
+    assert "stack fuse-shift, underlay tmpfs" in out_bad
+    full = open(os.path.join(check.section_dir(), f"{min(expected)}.fuse-shift-tmpfs.full")).read()
+    assert f"bug={switch}" in full
+
+
+def test_stale_dentry_spares_the_in_place_control(check):
+    """LP#1879196 needs a new inode: an edit in place (backup-by-copying) is still seen."""
+    done = check(*FUSE_SHIFT, "stack/012", "--stack-option", "bug=stale-dentry", timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr
+
+
+def test_stale_dentry_shows_the_differing_md5(check):
+    done = check(*FUSE_SHIFT, "stack/010", "--stack-option", "bug=stale-dentry", timeout=900)
+    message = failures(done.stdout)["stack/010"]
+    assert re.search(r"read F: expected [0-9a-f]{32}, got [0-9a-f]{32}", message), message
+
+
+@pytest.mark.parametrize("switch", ["sync-swallow", "sync-repeat"])
+def test_sync_switches_do_not_disturb_a_healthy_device(check, switch):
+    """They only change how errors are reported; the eio group (with a faulty
+    device) is what turns red on them."""
+    done = check(*FUSE_SHIFT, "-g", "sync", "--stack-option", f"bug={switch}", timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr
