@@ -27,7 +27,7 @@ def run_dirs(check):
     return [name for name in os.listdir(check.run_base) if name.startswith("run-")]
 
 
-def start_blocking_case(check, marker):
+def start_blocking_case(check, marker, stack="idmapped"):
     """./check on selftest/005; returns once the case is inside the stack user's
     process with the stack mounted (it says so through a FIFO: no sleep)."""
     fifo = os.path.join(check.run_base, f"announce-{marker}")  # the container must reach it
@@ -35,7 +35,7 @@ def start_blocking_case(check, marker):
         os.mkfifo(path)
         os.chmod(path, 0o666)
     check.env["STACKCHECK_SELFTEST_FIFO"] = fifo
-    proc = check.start("selftest/005", *ONE_STACK, "--section", marker, selftest=True)
+    proc = check.start("selftest/005", "--stack", stack, "--underlay", "ext4", "--section", marker, selftest=True)
     announce = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
     exited = os.pidfd_open(proc.pid)
     try:
@@ -76,16 +76,20 @@ def test_signal_mid_case_tears_down(check, signum):
     assert run_dirs(check) == []
 
 
-def test_sigkill_leftovers_are_removed_by_the_next_run(check):
-    marker = "leaktest-sigkill"
-    proc = start_blocking_case(check, marker)
+@pytest.mark.parametrize("stack_kind", ["idmapped", "fuse-shift"])
+def test_sigkill_leftovers_are_removed_by_the_next_run(check, stack_kind):
+    marker = f"leaktest-sigkill-{stack_kind}"
+    proc = start_blocking_case(check, marker, stack_kind)
     proc.kill()
     proc.communicate(timeout=60)
     left = harness_traces(check.run_base)
     assert left["mounts"], "SIGKILL cannot tear down: the stack and underlay stay mounted"
     (dead_run,) = run_dirs(check)
+    daemons = processes_of("harness.stackfs")
+    assert bool(daemons) == (stack_kind == "fuse-shift")
     done = check("selftest/004", *ONE_STACK, selftest=True)
     assert done.returncode == 0, done.stdout + done.stderr
+    assert processes_of("harness.stackfs") == []
     for mountpoint in left["mounts"]:
         assert f"{dead_run}: removed leftover mount {mountpoint}" in done.stderr
     assert harness_traces(check.run_base) == NOTHING
@@ -119,3 +123,12 @@ def test_timeout_fails_the_case_and_still_tears_down(check):
     assert "Timeout" in done.stdout
     assert harness_traces(check.run_base) == NOTHING
     assert run_dirs(check) == []
+
+
+def test_daemon_crash_fails_the_case_with_its_log_and_leaves_no_dead_mount(check):
+    done = check("selftest/006", "--stack", "fuse-shift", "--underlay", "tmpfs", selftest=True)
+    assert done.returncode == 1, done.stdout + done.stderr
+    out_bad = open(os.path.join(check.section_dir(), "selftest", "006.fuse-shift-tmpfs.out.bad")).read()
+    assert "stackfs died during the case (exit status -9)" in out_bad
+    assert harness_traces(check.run_base) == NOTHING
+    assert processes_of("harness.stackfs") == []

@@ -7,6 +7,8 @@ the suite.
 import errno
 import os
 
+import pytest
+
 from fixtures import Needs, case, expect_errno, step
 from harness import kmsg
 
@@ -53,3 +55,13 @@ def _announce_then_block(fifo):
       GROUPS)
 def test_blocks_until_signalled(stack):
     stack.run(_announce_then_block, os.environ["STACKCHECK_SELFTEST_FIFO"])
+
+
+@case("selftest/006", "The stack's FUSE daemon dies during the case", GROUPS)
+def test_daemon_dies(stack):
+    daemon = getattr(stack, "daemon", None)
+    if daemon is None:
+        pytest.skip(f"{stack.variant} has no daemon")
+    daemon.proc.kill()
+    daemon.proc.wait()
+    expect_errno(errno.ENOTCONN, "selftest: the dead stack answers ENOTCONN", os.stat, stack.path())
