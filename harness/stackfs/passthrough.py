@@ -31,13 +31,19 @@ HIGH_INODES = 1 << 48   # numbers for inodes whose own number is taken (another 
 
 
 def _fuse_errors(method):
-    """Underlay errors go back to the kernel as their errno."""
+    """Underlay errors go back to the kernel as their errno; a bug of stackfs
+    itself is logged with its traceback and answered with EIO."""
     @functools.wraps(method)
     async def wrapper(*args, **kwargs):
         try:
             return await method(*args, **kwargs)
+        except FUSEError:
+            raise
         except OSError as e:
             raise FUSEError(e.errno) from None
+        except Exception:
+            log.exception("stackfs bug in %s", method.__name__)
+            raise FUSEError(errno.EIO) from None
     return wrapper
 
 
@@ -50,11 +56,13 @@ class _ErrnoMeta(type(pyfuse3.Operations)):
 
 
 class Node:
-    __slots__ = ("inode", "fd", "lookups", "key", "stat", "open_signature", "sync_error")
+    # rel and layer: the merged path and the layer shown, in union mode
+    __slots__ = ("inode", "fd", "lookups", "keys", "stat", "open_signature", "sync_error", "rel", "layer")
 
     def __init__(self, inode, fd, st):
         self.inode, self.fd, self.lookups = inode, fd, 0
-        self.key = (st.st_dev, st.st_ino)
+        self.rel = self.layer = None
+        self.keys = [(st.st_dev, st.st_ino)]  # union mode adds the upper copy's
         self.stat = st
         self.open_signature = None
         self.sync_error = 0
@@ -88,7 +96,7 @@ class ShiftFS(pyfuse3.Operations, metaclass=_ErrnoMeta):
     def _remember(self, inode, fd, st):
         node = Node(inode, fd, st)
         self.nodes[inode] = node
-        self.by_key[node.key] = inode
+        self.by_key[node.keys[0]] = inode
         return node
 
     def _number_for(self, st):
@@ -176,7 +184,8 @@ class ShiftFS(pyfuse3.Operations, metaclass=_ErrnoMeta):
             if node.lookups <= 0:
                 os.close(node.fd)
                 del self.nodes[inode]
-                self.by_key.pop(node.key, None)
+                for key in node.keys:
+                    self.by_key.pop(key, None)
 
     async def getattr(self, inode, ctx):
         node = self.nodes[inode]
@@ -325,6 +334,9 @@ class ShiftFS(pyfuse3.Operations, metaclass=_ErrnoMeta):
         if names is None or start_id == 0:
             names = sorted(os.listdir(fh))
             self.dirs[fh] = (inode, names)
+        await self._reply_entries(inode, names, start_id, token)
+
+    async def _reply_entries(self, inode, names, start_id, token):
         parent = self.nodes[inode]
         for index in range(start_id, len(names)):
             name = os.fsencode(names[index])

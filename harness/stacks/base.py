@@ -99,3 +99,53 @@ class ShiftingStack(Stack):
 
     def host_path(self, *rel):
         return os.path.join(self.source, *rel)
+
+
+class LayeredStack(Stack):
+    """A union of a lower and an upper directory of the underlay (overlayfs, FUSE
+    union mode).  Host-side edits go to the lower layer, as the scenarios say."""
+
+    traits = frozenset({"union"})
+
+    def __init__(self, variant, underlay, workdir, options=None):
+        super().__init__(variant, underlay, workdir, options)
+        self.lower, self.upper, self.work = (underlay.path(d) for d in ("lower", "upper", "work"))
+
+    def _make_dirs(self):
+        for d in (self.lower, self.upper, self.work, self.mountpoint):
+            os.makedirs(d, exist_ok=True)
+
+    def host_path(self, *rel):
+        return os.path.join(self.lower, *rel)
+
+    def on_underlay(self, *rel):
+        upper = os.path.join(self.upper, *rel)
+        return upper if os.path.lexists(upper) else os.path.join(self.lower, *rel)
+
+
+class DaemonStack(Stack):
+    """A stack served by a FUSE daemon (harness/fusedaemon.py): started in the
+    foreground, waited for, stopped by unmount; a crash fails the case."""
+
+    daemon = None
+
+    def daemon_argv(self):
+        raise NotImplementedError
+
+    def bug_arguments(self):
+        """--bug NAME for each name in the stack option bug=NAME[,NAME]."""
+        return [arg for bug in self.options.get("bug", "").split(",") if bug for arg in ("--bug", bug)]
+
+    def mount(self):
+        from harness.fusedaemon import FuseDaemon
+        self._make_dirs()
+        argv = self.daemon_argv()
+        log.info("%s: %s", self.variant, " ".join(argv))
+        self.daemon = FuseDaemon(argv, self.mountpoint, self.workdir, self.variant)
+        self.daemon.start()
+        self.mounted = True
+
+    def _unmount(self):
+        problem = self.daemon.stop()
+        if problem:
+            raise RuntimeError(problem)

@@ -3,39 +3,23 @@
 Stack option bug=NAME[,NAME] starts it with bug switches (harness/stackfs/bugs.py).
 """
 
-import logging
-
-from harness.fusedaemon import FuseDaemon, python_module
+from harness.fusedaemon import python_module
 from harness.rundir import TAG
 from harness.stacks import register
-from harness.stacks.base import ShiftingStack
-
-log = logging.getLogger("stackcheck.stack")
+from harness.stacks.base import DaemonStack, ShiftingStack
 
 
 @register
-class FuseShift(ShiftingStack):
+class FuseShift(DaemonStack, ShiftingStack):
     kind = "fuse"
     variants = {"fuse-shift": {}}
-    daemon = None
 
     @classmethod
     def features(cls, variant):
         return ("fuse", "userns", "pyfuse3")
 
-    def mount(self):
-        self._make_dirs()
-        bugs = [b for b in self.options.get("bug", "").split(",") if b]
+    def daemon_argv(self):
         m = self.user_map
-        argv = python_module("harness.stackfs", "shift", self.source, self.mountpoint,
+        return python_module("harness.stackfs", "shift", self.source, self.mountpoint,
                              "--map", f"{m.inside}:{m.outside}:{m.count}", "--fsname", f"{TAG}-fuse-shift",
-                             *[arg for bug in bugs for arg in ("--bug", bug)])
-        log.info("stackfs: %s", " ".join(argv))
-        self.daemon = FuseDaemon(argv, self.mountpoint, self.workdir, "stackfs")
-        self.daemon.start()
-        self.mounted = True
-
-    def _unmount(self):
-        problem = self.daemon.stop()
-        if problem:
-            raise RuntimeError(problem)
+                             *self.bug_arguments())
