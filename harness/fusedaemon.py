@@ -9,10 +9,12 @@ mount ("Transport endpoint is not connected") is still removed.
 
 import contextlib
 import os
+import select
 import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 from harness import mounts, rundir, syscalls
 from harness.rundir import TAG
@@ -53,8 +55,39 @@ def abort_connection(mountpoint):
     return True
 
 
+def wait_for_mount(mountpoint, proc, timeout=30):
+    """Wait until mountpoint is mounted or proc has died, on events: the mount
+    table's POLLPRI when it changes, and a pidfd for the process's exit."""
+    table = os.open("/proc/self/mountinfo", os.O_RDONLY | os.O_CLOEXEC)
+    pidfd = os.pidfd_open(proc.pid)
+    poller = select.poll()
+    poller.register(table, select.POLLPRI | select.POLLERR)
+    poller.register(pidfd, select.POLLIN)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            while os.read(table, 65536):  # reading re-arms the change notification
+                pass
+            os.lseek(table, 0, os.SEEK_SET)
+            if mounts.is_mountpoint(mountpoint):
+                return True
+            if proc.poll() is not None:
+                return False
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            poller.poll(remaining * 1000)
+    finally:
+        os.close(table)
+        os.close(pidfd)
+
+
 class FuseDaemon:
-    def __init__(self, argv, mountpoint, workdir, name):
+    """ready="fd": the daemon takes --ready-fd N (stackfs); ready="mount": a
+    daemon of another project, ready when its mount appears."""
+
+    def __init__(self, argv, mountpoint, workdir, name, ready="fd"):
+        self.ready = ready
         self.argv = argv
         self.mountpoint = mountpoint
         self.workdir = workdir
@@ -70,21 +103,25 @@ class FuseDaemon:
             return ""
 
     def start(self):
-        ready_r, ready_w = os.pipe()
         env = dict(os.environ, PYTHONPATH=ROOT)
+        ready_r, ready_w = os.pipe() if self.ready == "fd" else (None, None)
+        argv = self.argv + (["--ready-fd", str(ready_w)] if ready_w is not None else [])
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.argv + ["--ready-fd", str(ready_w)], pass_fds=(ready_w,),
+            self.proc = subprocess.Popen(argv, pass_fds=(ready_w,) if ready_w is not None else (),
                                          stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
                                          start_new_session=True)  # a ^C to the run goes to us, not it
-        os.close(ready_w)
         rundir.record_process(self.workdir, self.proc.pid, f"{self.name} daemon")
         try:
-            with os.fdopen(ready_r, "rb") as ready:
-                said = ready.read()  # "ready\n", or nothing if it died first
+            if ready_w is not None:
+                os.close(ready_w)
+                with os.fdopen(ready_r, "rb") as ready:
+                    ok = ready.read() == b"ready\n"  # or nothing, if it died first
+            else:
+                ok = wait_for_mount(self.mountpoint, self.proc)
         except BaseException:
             self.stop()
             raise
-        if said != b"ready\n" or not mounts.is_mountpoint(self.mountpoint):
+        if not ok or not mounts.is_mountpoint(self.mountpoint):
             self.stop()
             raise DaemonFailed(f"{self.name} did not mount {self.mountpoint}; its log:\n{self.log_text()}")
 

@@ -9,7 +9,9 @@ forgets.
 Caching: lookups and attributes time out at once (every path walk asks the
 daemon, which asks the underlay), so a change made on the underlay shows at
 the next lookup, with no timer involved.  The page cache is kept across opens
-while the file's mtime, ctime and size are unchanged.
+while the file's mtime, ctime and size are unchanged.  No writeback cache: with
+it the kernel trusts its own size and mtime, and a file rewritten in place on
+the underlay reads stale (stack/012 fails; measured, and no faster here).
 """
 
 import errno
