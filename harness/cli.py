@@ -2,7 +2,7 @@
 
     ./check [-g GROUP]... [-x GROUP]... [CASE-ID|GLOB]... [--stack S]... [--underlay FS]...
             [-n] [-j N] [--probe] [--results DIR] [--section NAME] [-- PYTEST-ARGS...]
-    ./check --self-test [PYTEST-ARGS...]
+    ./check --self-test [PYTEST-ARGS...]     (all arguments after it go to pytest)
 
 Exit status: 0 all passed or not run, 1 failures, 2 usage or environment error.
 Bad input gets one line on stderr and status 2, before anything is mounted.
@@ -33,6 +33,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse(argv):
+    if "--self-test" in argv:  # everything after it is pytest's
+        cut = argv.index("--self-test") + 1
+        argv, self_test_args = argv[:cut], argv[cut:]
+    else:
+        self_test_args = []
     if "--" in argv:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1:]
@@ -59,10 +64,8 @@ def parse(argv):
     p.add_argument("--case-dir", default=os.path.join(ROOT, "cases"), metavar="DIR",
                    help="where the cases are (default: cases/; e.g. a private suite)")
     p.add_argument("--self-test", action="store_true", help="run stackcheck's own tests (tests/)")
-    args, unknown = p.parse_known_args(argv)
-    if unknown and not args.self_test:
-        raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
-    args.extra = unknown + extra if args.self_test else extra
+    args = p.parse_args(argv)
+    args.extra = self_test_args if args.self_test else extra
     if args.jobs < 1:
         raise UsageError("-j takes a number of at least 1")
     return args

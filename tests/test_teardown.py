@@ -129,6 +129,6 @@ def test_daemon_crash_fails_the_case_with_its_log_and_leaves_no_dead_mount(check
     done = check("selftest/006", "--stack", "fuse-shift", "--underlay", "tmpfs", selftest=True)
     assert done.returncode == 1, done.stdout + done.stderr
     out_bad = open(os.path.join(check.section_dir(), "selftest", "006.fuse-shift-tmpfs.out.bad")).read()
-    assert "stackfs died during the case (exit status -9)" in out_bad
+    assert "fuse-shift died during the case (exit status -9); its log:" in out_bad
     assert harness_traces(check.run_base) == NOTHING
     assert processes_of("harness.stackfs") == []
