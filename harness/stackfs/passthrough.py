@@ -109,7 +109,10 @@ class ShiftFS(pyfuse3.Operations, metaclass=_ErrnoMeta):
 
     def _node_at(self, parent, name):
         """The node of name in parent (looked up on the underlay now), lookup count +1."""
-        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd)
+        return self._adopt(os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent.fd))
+
+    def _adopt(self, fd):
+        """The node of the object an O_PATH fd names (the fd is kept or closed), lookup count +1."""
         st = os.fstat(fd)
         inode = self.by_key.get((st.st_dev, st.st_ino))
         if inode is None:

@@ -95,17 +95,8 @@ class UnionFS(ShiftFS):
 
     def _node(self, rel, layer):
         """Node of the object at rel in layer; lookup count +1."""
-        fd = os.open(self._real(layer, rel), os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
-        st = os.fstat(fd)
-        inode = self.by_key.get((st.st_dev, st.st_ino))
-        if inode is None:
-            node = self._remember(self._number_for(st), fd, st)
-        else:
-            os.close(fd)
-            node = self.nodes[inode]
-            node.stat = st
+        node = self._adopt(os.open(self._real(layer, rel), os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC))
         node.rel, node.layer = rel, layer
-        node.lookups += 1
         return node
 
     def _child(self, parent_inode, name):
