@@ -260,9 +260,13 @@ class ShiftFS(pyfuse3.Operations, metaclass=_ErrnoMeta):
         parent = self.nodes[parent_inode]
         uid, gid = self._owner_for_new(parent, ctx)
         fd = os.open(name, flags | os.O_CREAT | os.O_CLOEXEC, mode & ~ctx.umask, dir_fd=parent.fd)
+        return self._created_open(fd, uid, gid, lambda: self._node_at(parent, name))
+
+    def _created_open(self, fd, uid, gid, find_node):
+        """Finish create(): own the new file, know its node, hand the fd out as fh."""
         try:
             os.fchown(fd, uid, gid)
-            node = self._node_at(parent, name)
+            node = find_node()
         except BaseException:
             os.close(fd)
             raise

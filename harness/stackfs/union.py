@@ -213,15 +213,8 @@ class UnionFS(ShiftFS):
     async def create(self, parent_inode, name, mode, flags, ctx):
         path, _ = self._prepare_name(parent_inode, name)
         fd = os.open(path, flags | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode & ~ctx.umask)
-        try:
-            os.fchown(fd, ctx.uid, self._group_for_new(path, ctx))
-            node = self._node(self._child(parent_inode, name), 0)
-        except BaseException:
-            os.close(fd)
-            raise
-        self.handles[fd] = node
-        node.open_signature = self._signature(os.fstat(fd))
-        return pyfuse3.FileInfo(fh=fd), self._entry(node)
+        return self._created_open(fd, ctx.uid, self._group_for_new(path, ctx),
+                                  lambda: self._node(self._child(parent_inode, name), 0))
 
     async def link(self, inode, new_parent_inode, new_name, ctx):
         node = self.nodes[inode]
