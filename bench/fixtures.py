@@ -94,11 +94,11 @@ def main():
         for fs in scratch.UNDERLAY_FILESYSTEMS:
             if scratch.unavailable(fs, probe):
                 continue
-            bare[fs] = median_ms(lambda: bare_cycle(fs, run.sub("bare")), args.rounds)
+            bare[fs] = median_ms(lambda fs=fs: bare_cycle(fs, run.sub("bare")), args.rounds)
             for variant in stacks.variants():
                 if stacks.unavailable(variant, fs, probe):
                     continue
-                ms = median_ms(lambda: fixture_cycle(pool, variant, fs, workdir), args.rounds)
+                ms = median_ms(lambda v=variant, fs=fs: fixture_cycle(pool, v, fs, workdir), args.rounds)
                 print(f"{variant + '-' + fs:<26}{ms:>9.2f}{bare[fs]:>9.2f}{ms / bare[fs]:>8.2f}")
         if not args.no_check:
             with tempfile.TemporaryDirectory() as results:

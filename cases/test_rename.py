@@ -107,10 +107,10 @@ def _reader(channel, root, with_backup):
     for variant in WARM_VARIANTS:
         # the cwd variant looks the name up relative to its cwd, as a shell there would
         path = "F" if variant == "cwd" else os.path.join(root, f"d-{variant}", "F")
-        seen[f"{variant}: read F"] = attempt(f"S3 ({variant}) read {path}", lambda: _read(path))
-        seen[f"{variant}: stat F"] = attempt(f"S3 ({variant}) stat {path}", lambda: _stat(path))
+        seen[f"{variant}: read F"] = attempt(f"S3 ({variant}) read {path}", lambda p=path: _read(p))
+        seen[f"{variant}: stat F"] = attempt(f"S3 ({variant}) stat {path}", lambda p=path: _stat(p))
         if with_backup:
-            seen[f"{variant}: read F~"] = attempt(f"S3 ({variant}) read {path}~", lambda: _read(path + "~"))
+            seen[f"{variant}: read F~"] = attempt(f"S3 ({variant}) read {path}~", lambda p=path: _read(p + "~"))
     fd = held_fds["fd"]
     seen["fd: read through the fd opened before"] = attempt(
         "S3 (fd) read the fd opened before the change", lambda: md5(os.pread(fd, 1 << 20, 0)))
