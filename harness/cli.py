@@ -199,6 +199,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("check: interrupted", file=sys.stderr)
         return USAGE_ERROR
+    except BrokenPipeError:  # `./check -n | head`: the reader has gone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
