@@ -15,9 +15,10 @@ import sys
 
 import pytest
 
-from harness import rundir, scratch, stacks
+from harness import expunge, report, rundir, scratch, stacks
+from harness.baseline import compare_files
 from harness.probe import run_probe
-from harness.results import unusable
+from harness.results import find_xml, unusable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 USAGE_ERROR = 2
@@ -63,6 +64,13 @@ def parse(argv):
     p.add_argument("--timeout", type=int, default=300, metavar="SECONDS", help="per-case time limit")
     p.add_argument("--case-dir", default=os.path.join(ROOT, "cases"), metavar="DIR",
                    help="where the cases are (default: cases/; e.g. a private suite)")
+    p.add_argument("--expunge", action="append", default=[], metavar="FILE",
+                   help="expunge list: cases reported not run, with the list's reason")
+    p.add_argument("--shard", metavar="I/N", help="run the I-th of N even parts of the selection")
+    p.add_argument("-C", "--fail-loop", type=int, default=0, metavar="N",
+                   help="run a failed case again up to N times; passing on a rerun is flaky")
+    p.add_argument("--baseline", metavar="RESULTS|XML",
+                   help="compare with an earlier run: exit 1 only for regressions")
     p.add_argument("--self-test", action="store_true", help="run stackcheck's own tests (tests/)")
     args = p.parse_args(argv)
     args.extra = self_test_args if args.self_test else extra
@@ -91,8 +99,10 @@ def _check_explicit_requests(args, probe):
 def _pytest_args(args, run, with_selection=True):
     pargs = [args.case_dir, "--rootdir", ROOT, "-c", os.path.join(ROOT, "pytest.ini"), "-p", "fixtures.plugin",
              "--run-dir", run.path, "--results", args.results, "--timeout", str(args.timeout)]
-    selection = (("--group", args.groups), ("--exclude-group", args.exclude), ("--case", args.cases))
-    stack_choice = (("--stack", args.stack), ("--stack-option", args.stack_option), ("--underlay", args.underlay))
+    selection = (("--group", args.groups), ("--exclude-group", args.exclude), ("--case", args.cases),
+                 ("--shard", [args.shard] if args.shard else []))
+    stack_choice = (("--stack", args.stack), ("--stack-option", args.stack_option), ("--underlay", args.underlay),
+                    ("--expunge", args.expunge))
     for flag, values in (selection if with_selection else ()) + stack_choice:
         for value in values:
             pargs += [flag, value]
@@ -117,9 +127,10 @@ class _Collector:
                 self.items.append((info, *spec))
 
 
-def _select(args, run_dir, probe):
-    """The selected (case, variant, fs, not-run reason) list; bad selections raise."""
-    from fixtures.plugin import selected, selection_problem, why_not_run
+def _select(args, run_dir, probe, expunges):
+    """The selected (case, variant, fs, not-run reason) list, in run order; bad
+    selections raise."""
+    from fixtures.plugin import parse_shard, selected, selection_problem, why_not_run
     collector = _Collector()
     code = pytest.main(_pytest_args(args, run_dir, with_selection=False) + ["--collect-only", "-p", "no:terminal"], plugins=[collector])
     if code not in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
@@ -127,8 +138,12 @@ def _select(args, run_dir, probe):
     problem = selection_problem([info for info, _, _ in collector.items], args.groups, args.exclude, args.cases)
     if problem:
         raise UsageError(problem)
-    return [(info, variant, fs, why_not_run(info, variant, fs, probe))
-            for info, variant, fs in collector.items if selected(info, args.groups, args.exclude, args.cases)]
+    chosen = sorted((item for item in collector.items if selected(item[0], args.groups, args.exclude, args.cases)),
+                    key=lambda item: item[0].case_id)
+    shard = parse_shard(args.shard)
+    if shard:
+        chosen = [item for i, item in enumerate(chosen) if i % shard[1] == shard[0] - 1]
+    return [(info, variant, fs, why_not_run(info, variant, fs, probe, expunges)) for info, variant, fs in chosen]
 
 
 def self_test(args):
@@ -154,6 +169,15 @@ def run(args):
     problem = unusable(args.results)
     if problem:
         raise UsageError(problem)
+    try:
+        from fixtures.plugin import parse_shard
+        parse_shard(args.shard)
+        expunges = expunge.load(args.expunge)
+        baseline_xml = find_xml(args.baseline) if args.baseline else None
+    except (pytest.UsageError, OSError, ValueError) as e:
+        raise UsageError(str(e)) from None
+    if args.fail_loop < 0:
+        raise UsageError("-C takes a number of at least 0")
     for line in rundir.recover_leftovers(os.environ.get("STACKCHECK_RUN_BASE")):
         print(f"stackcheck: {line}", file=sys.stderr)
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -169,7 +193,7 @@ def run(args):
             print(probe.table())
             return 0
         _check_explicit_requests(args, probe)
-        selection = _select(args, run_dir, probe)
+        selection = _select(args, run_dir, probe, expunges)
         if args.dry_run:
             for info, variant, fs, reason in selection:
                 name = f"{info.case_id} [{variant}-{fs}]"
@@ -179,11 +203,21 @@ def run(args):
         pargs = _pytest_args(args, run_dir) + ["--check-progress", "-qq", "--tb=no", "-rN"]
         if args.jobs > 1:
             pargs += ["-n", str(args.jobs)]
+        if args.fail_loop:
+            pargs += ["--reruns", str(args.fail_loop)]
         code = pytest.main(pargs + args.extra)
         if code == pytest.ExitCode.NO_TESTS_COLLECTED:
             print("no case selected")
             return 0
-        return {pytest.ExitCode.OK: 0, pytest.ExitCode.TESTS_FAILED: 1}.get(code, USAGE_ERROR)
+        if code not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):
+            return USAGE_ERROR
+        if baseline_xml:
+            section = os.path.join(args.results, args.section or probe.kernel)
+            lines, comparison = compare_files(baseline_xml, section)
+            print("\n".join(lines))
+            report.write(section, args.results, extra_xml=[baseline_xml])
+            return 1 if comparison.failed else 0
+        return 0 if code == pytest.ExitCode.OK else 1
     finally:
         for what in run_dir.remove():
             print(f"stackcheck: teardown left {what} behind; removed it", file=sys.stderr)

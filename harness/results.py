@@ -97,26 +97,20 @@ class Results:
         return [c for c in self.cases if c.outcome == outcome]
 
     def summary_lines(self):
-        ran = [c for c in self.cases if c.outcome != NOTRUN]
-        failed = self.by_outcome(FAIL)
-        lines = [f"SECTION       -- {self.section}",
-                 "Ran: " + " ".join(c.name for c in ran)]
-        if self.by_outcome(NOTRUN):
-            lines.append("Not run: " + " ".join(c.name for c in self.by_outcome(NOTRUN)))
-        if self.by_outcome(XFAIL):
-            lines.append("Expected failures: " + " ".join(c.name for c in self.by_outcome(XFAIL)))
-        if failed:
-            lines.append("Failures: " + " ".join(c.name for c in failed))
-            lines.append(f"Failed {len(failed)} of {len(ran)} tests")
-        else:
-            lines.append(f"Passed all {len(ran)} tests")
-        return lines
+        return summary_lines(self.section, self.cases)
+
+    def run_properties(self):
+        props = {"section": self.section, "kernel": self.kernel}
+        if self.probe is not None:
+            for name, entry in sorted(self.probe.features.items()):
+                props[f"probe.{name}"] = "yes" if entry["ok"] else f"no: {entry['detail']}"
+        return props
 
     def finish(self, interrupted=False):
         """Write check.log, check.time and result.xml for the whole run."""
         ended = datetime.datetime.now()
         with open(os.path.join(self.dir, "check.log"), "a") as f:
-            f.write(f"{ended:%a %b %d %H:%M:%S %Z %Y}\n")
+            f.write(f"{ended:%a %b %d %H:%M:%S %Y}\n")
             if interrupted:
                 f.write("Interrupted!\n")
             f.write("\n".join(self.summary_lines()[1:]) + "\n")
@@ -124,37 +118,103 @@ class Results:
         times.update({c.name: round(c.duration, 3) for c in self.cases if c.outcome != NOTRUN})
         with open(self._times_path, "w") as f:
             json.dump(times, f, indent=0, sort_keys=True)
-        self.write_xml(ended)
+        write_xml(os.path.join(self.dir, "result.xml"), self.section, self.run_properties(), self.cases,
+                  self.started, ended)
 
-    def write_xml(self, ended):
-        suite = ET.Element("testsuite", {
-            "name": "stackcheck", "hostname": socket.gethostname(),
-            "timestamp": self.started.isoformat(timespec="seconds"),
-            "time": f"{(ended - self.started).total_seconds():.3f}",
-            "tests": str(len(self.cases)), "failures": str(len(self.by_outcome(FAIL))),
-            "skipped": str(len(self.by_outcome(NOTRUN)) + len(self.by_outcome(XFAIL))), "errors": "0"})
-        props = ET.SubElement(suite, "properties")
-        run_props = {"section": self.section, "kernel": self.kernel}
-        if self.probe is not None:
-            for name, entry in sorted(self.probe.features.items()):
-                run_props[f"probe.{name}"] = "yes" if entry["ok"] else f"no: {entry['detail']}"
-        for name, value in run_props.items():
-            ET.SubElement(props, "property", {"name": name, "value": value})
-        for c in self.cases:
-            case = ET.SubElement(suite, "testcase", {
-                "classname": f"stackcheck.{self.section}", "name": c.name, "time": f"{c.duration:.3f}"})
-            cprops = ET.SubElement(case, "properties")
-            for name, value in (("case", c.case_id), ("stack", c.stack), ("underlay", c.underlay),
-                                ("groups", " ".join(c.groups)), ("bug", c.bug), *c.properties.items()):
-                if value:
-                    ET.SubElement(cprops, "property", {"name": name, "value": str(value)})
-            if c.outcome == NOTRUN:
-                ET.SubElement(case, "skipped", {"message": c.reason})
-            elif c.outcome == XFAIL:
-                ET.SubElement(case, "skipped", {"type": "expected-failure", "message": c.reason})
-            elif c.outcome == FAIL:
-                failure = ET.SubElement(case, "failure", {"message": c.reason.splitlines()[0] if c.reason else "failed"})
-                failure.text = c.out_bad
-            ET.SubElement(case, "system-out").text = os.path.relpath(self.path(c, ".full"), self.dir)
-        ET.indent(suite)
-        ET.ElementTree(suite).write(os.path.join(self.dir, "result.xml"), encoding="utf-8", xml_declaration=True)
+
+def summary_lines(section, cases):
+    """xfstests' closing lines over a list of CaseResult."""
+    def names(outcome):
+        return " ".join(c.name for c in cases if c.outcome == outcome)
+    ran = [c for c in cases if c.outcome != NOTRUN]
+    failed = [c for c in cases if c.outcome == FAIL]
+    lines = [f"SECTION       -- {section}", "Ran: " + " ".join(c.name for c in ran)]
+    for label, outcome in (("Not run", NOTRUN), ("Expected failures", XFAIL)):
+        if names(outcome):
+            lines.append(f"{label}: {names(outcome)}")
+    flaky = " ".join(c.name for c in cases if c.properties.get("flaky"))
+    if flaky:
+        lines.append(f"Flaky: {flaky}")
+    if failed:
+        lines.append("Failures: " + names(FAIL))
+        lines.append(f"Failed {len(failed)} of {len(ran)} tests")
+    else:
+        lines.append(f"Passed all {len(ran)} tests")
+    return lines
+
+
+def write_xml(path, section, run_properties, cases, started, ended):
+    """JUnit XML: one testcase per case x stack x underlay; the run's facts as properties."""
+    count = {o: sum(1 for c in cases if c.outcome == o) for o in (FAIL, NOTRUN, XFAIL)}
+    suite = ET.Element("testsuite", {
+        "name": "stackcheck", "hostname": socket.gethostname(),
+        "timestamp": started.isoformat(timespec="seconds"),
+        "time": f"{(ended - started).total_seconds():.3f}",
+        "tests": str(len(cases)), "failures": str(count[FAIL]),
+        "skipped": str(count[NOTRUN] + count[XFAIL]), "errors": "0"})
+    props = ET.SubElement(suite, "properties")
+    for name, value in run_properties.items():
+        ET.SubElement(props, "property", {"name": name, "value": str(value)})
+    for c in cases:
+        case = ET.SubElement(suite, "testcase", {
+            "classname": f"stackcheck.{section}", "name": c.name, "time": f"{c.duration:.3f}"})
+        cprops = ET.SubElement(case, "properties")
+        for name, value in (("case", c.case_id), ("title", c.title), ("stack", c.stack), ("underlay", c.underlay),
+                            ("groups", " ".join(c.groups)), ("bug", c.bug), *c.properties.items()):
+            if value:
+                ET.SubElement(cprops, "property", {"name": name, "value": str(value)})
+        if c.outcome == NOTRUN:
+            ET.SubElement(case, "skipped", {"message": c.reason})
+        elif c.outcome == XFAIL:
+            ET.SubElement(case, "skipped", {"type": "expected-failure", "message": c.reason})
+        elif c.outcome == FAIL:
+            failure = ET.SubElement(case, "failure", {"message": c.reason.splitlines()[0] if c.reason else "failed"})
+            failure.text = c.out_bad
+        ET.SubElement(case, "system-out").text = c.stem + ".full"
+    ET.indent(suite)
+    ET.ElementTree(suite).write(path, encoding="utf-8", xml_declaration=True)
+
+
+def read_xml(path):
+    """(run properties, [CaseResult]) from a result.xml that stackcheck wrote."""
+    suite = ET.parse(path).getroot()
+    if suite.tag == "testsuites":
+        suite = suite.find("testsuite")
+    run_props = {p.get("name"): p.get("value") for p in suite.findall("properties/property")}
+    cases = []
+    for tc in suite.iter("testcase"):
+        props = {p.get("name"): p.get("value") for p in tc.findall("properties/property")}
+        name = tc.get("name")
+        param = name[name.index("[") + 1:-1] if "[" in name else ""
+        skipped, failure = tc.find("skipped"), tc.find("failure")
+        if failure is not None:
+            outcome, reason, out_bad = FAIL, failure.get("message", ""), failure.text or ""
+        elif skipped is not None:
+            outcome = XFAIL if skipped.get("type") == "expected-failure" else NOTRUN
+            reason, out_bad = skipped.get("message", ""), ""
+        else:
+            outcome, reason, out_bad = PASS, "", ""
+        known = {"case", "title", "stack", "underlay", "groups", "bug"}
+        cases.append(CaseResult(
+            case_id=props.get("case", name.split("[")[0]), param=param, outcome=outcome,
+            duration=float(tc.get("time", 0)), reason=reason, bug=props.get("bug", ""), title=props.get("title", ""),
+            groups=tuple(props.get("groups", "").split()), stack=props.get("stack", ""),
+            underlay=props.get("underlay", ""), out_bad=out_bad,
+            properties={k: v for k, v in props.items() if k not in known}))
+    return run_props, cases
+
+
+def find_xml(path):
+    """A result.xml given as itself, a section directory, or a results directory
+    with one section."""
+    if os.path.isfile(path):
+        return path
+    direct = os.path.join(path, "result.xml")
+    if os.path.isfile(direct):
+        return direct
+    found = sorted(os.path.join(path, d, "result.xml") for d in os.listdir(path)
+                   if os.path.isfile(os.path.join(path, d, "result.xml"))) if os.path.isdir(path) else []
+    if len(found) != 1:
+        raise ValueError(f"{path}: " + ("no result.xml" if not found else
+                                        f"{len(found)} sections; name one: {', '.join(found)}"))
+    return found[0]

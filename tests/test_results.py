@@ -59,7 +59,7 @@ def test_result_xml(tmp_path):
     assert cases["stack/003[shiftfs-ext4]"].find("skipped").get("message") == "kernel has no shiftfs"
     assert cases["stack/010[overlay-ext4]"].find("skipped").get("type") == "expected-failure"
     case_props = {p.get("name"): p.get("value") for p in cases["stack/001[overlay-ext4]"].find("properties")}
-    assert case_props == {"case": "stack/001", "stack": "overlay", "underlay": "ext4", "bug": "LP#1"}
+    assert case_props == {"case": "stack/001", "title": "t", "stack": "overlay", "underlay": "ext4", "bug": "LP#1"}
 
 
 def test_check_log_appends_and_times_are_remembered(tmp_path):

@@ -14,11 +14,13 @@ ONE_STACK = ("--stack", "idmapped", "--underlay", "ext4")
 NOTHING = {"mounts": [], "loops": []}
 
 
-def processes_of(marker):
-    """Processes whose command line carries marker (the run's --section)."""
+def processes_of(*markers):
+    """Processes whose command line carries every marker (the run's --section, its
+    run directory): other tests running at the same time have their own."""
     found = []
     for proc in psutil.process_iter(["pid", "cmdline", "status"]):
-        if marker in " ".join(proc.info["cmdline"] or []) and proc.info["status"] != psutil.STATUS_ZOMBIE:
+        cmdline = " ".join(proc.info["cmdline"] or [])
+        if all(m in cmdline for m in markers) and proc.info["status"] != psutil.STATUS_ZOMBIE:
             found.append(proc.info["pid"])
     return found
 
@@ -85,11 +87,11 @@ def test_sigkill_leftovers_are_removed_by_the_next_run(check, stack_kind):
     left = harness_traces(check.run_base)
     assert left["mounts"], "SIGKILL cannot tear down: the stack and underlay stay mounted"
     (dead_run,) = run_dirs(check)
-    daemons = processes_of("harness.stackfs")
+    daemons = processes_of("harness.stackfs", check.run_base)
     assert bool(daemons) == (stack_kind == "fuse-shift")
     done = check("selftest/004", *ONE_STACK, selftest=True)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert processes_of("harness.stackfs") == []
+    assert processes_of("harness.stackfs", check.run_base) == []
     for mountpoint in left["mounts"]:
         assert f"{dead_run}: removed leftover mount {mountpoint}" in done.stderr
     assert harness_traces(check.run_base) == NOTHING
@@ -131,4 +133,4 @@ def test_daemon_crash_fails_the_case_with_its_log_and_leaves_no_dead_mount(check
     out_bad = open(os.path.join(check.section_dir(), "selftest", "006.fuse-shift-tmpfs.out.bad")).read()
     assert "fuse-shift died during the case (exit status -9); its log:" in out_bad
     assert harness_traces(check.run_base) == NOTHING
-    assert processes_of("harness.stackfs") == []
+    assert processes_of("harness.stackfs", check.run_base) == []

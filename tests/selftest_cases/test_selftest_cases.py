@@ -65,3 +65,11 @@ def test_daemon_dies(stack):
     daemon.proc.kill()
     daemon.proc.wait()
     expect_errno(errno.ENOTCONN, "selftest: the dead stack answers ENOTCONN", os.stat, stack.path())
+
+
+@case("selftest/007", "Fails on its first attempt only (a flaky case)", GROUPS)
+def test_fails_once(stack):
+    marker = os.environ["STACKCHECK_SELFTEST_FLAKY"]
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        raise AssertionError("selftest/007: first attempt fails on purpose")
