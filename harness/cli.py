@@ -10,7 +10,9 @@ Bad input gets one line on stderr and status 2, before anything is mounted.
 
 import argparse
 import os
+import shutil
 import signal
+import subprocess
 import sys
 
 import pytest
@@ -71,12 +73,35 @@ def parse(argv):
                    help="run a failed case again up to N times; passing on a rerun is flaky")
     p.add_argument("--baseline", metavar="RESULTS|XML",
                    help="compare with an earlier run: exit 1 only for regressions")
+    p.add_argument("--kernel", metavar="SPEC",
+                   help="run on another kernel in QEMU: a vmlinuz (with --modules), a .deb, or a Debian package name")
+    p.add_argument("--modules", metavar="DIR", help="with --kernel VMLINUZ: its lib/modules/<release>")
+    p.add_argument("--guest-timeout", type=int, default=3600, metavar="SECONDS",
+                   help="with --kernel: the whole guest run's time limit")
+    p.add_argument("--kernel-append", default="", help=argparse.SUPPRESS)  # tests: a panicking command line
     p.add_argument("--self-test", action="store_true", help="run stackcheck's own tests (tests/)")
     args = p.parse_args(argv)
     args.extra = self_test_args if args.self_test else extra
+    args.guest_argv = _without(argv, ("--kernel", "--modules", "--guest-timeout", "--kernel-append", "--results",
+                                      "--baseline", "--expunge"))
+    if extra:
+        args.guest_argv += ["--", *extra]
     if args.jobs < 1:
         raise UsageError("-j takes a number of at least 1")
     return args
+
+
+def _without(argv, options):
+    """argv less the given options and their values (both "--opt V" and "--opt=V")."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in options:
+            skip = True
+        elif not any(arg.startswith(o + "=") for o in options):
+            out.append(arg)
+    return out
 
 
 def _raise_interrupt(signum, frame):
@@ -178,6 +203,8 @@ def run(args):
         raise UsageError(str(e)) from None
     if args.fail_loop < 0:
         raise UsageError("-C takes a number of at least 0")
+    if args.kernel:
+        return _run_in_guest(args)
     for line in rundir.recover_leftovers(os.environ.get("STACKCHECK_RUN_BASE")):
         print(f"stackcheck: {line}", file=sys.stderr)
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -221,6 +248,33 @@ def run(args):
     finally:
         for what in run_dir.remove():
             print(f"stackcheck: teardown left {what} behind; removed it", file=sys.stderr)
+
+
+def _run_in_guest(args):
+    """The same run inside a guest booted from another kernel (harness/vm.py)."""
+    from harness import vm
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    run_dir = rundir.RunDir.create(os.environ.get("STACKCHECK_RUN_BASE"))
+    results_dir = os.path.abspath(args.results)
+    # The guest sees the host's root, less its /tmp (a tmpfs there), and the results
+    # directory as /mnt: files the run reads go there.
+    shared, guest_argv = [], list(args.guest_argv)
+    inputs = [("--baseline", find_xml(args.baseline))] if args.baseline else []
+    inputs += [("--expunge", path) for path in args.expunge]
+    for i, (option, path) in enumerate(inputs):
+        copy = os.path.join(results_dir, f".guest-input-{i}-{os.path.basename(path)}")
+        shutil.copyfile(path, copy)
+        shared.append(copy)
+        guest_argv += [option, "/mnt/" + os.path.basename(copy)]
+    try:
+        return vm.run(args.kernel, guest_argv, results_dir, run_dir.sub("vm"),
+                      modules=args.modules, timeout=args.guest_timeout, append=args.kernel_append)
+    except (vm.GuestError, OSError, subprocess.CalledProcessError) as e:
+        raise UsageError(f"--kernel {args.kernel}: {e}") from None
+    finally:
+        for copy in shared:
+            os.unlink(copy)
+        run_dir.remove()
 
 
 def main(argv=None):

@@ -1,0 +1,76 @@
+"""./check --kernel: Debian's kernel under QEMU (TCG here), as an SRU check runs it.
+
+Each test boots a guest (about 10 s to the first case under TCG on this machine
+kind): a short selection, a panic, a hang, and a baseline across kernels.
+"""
+
+import os
+
+import psutil
+import pytest
+
+from harness import results as res
+
+KERNEL = "linux-image-amd64"
+ONE = ("stack/001", "--stack", "overlay", "--underlay", "tmpfs")
+
+
+def qemu_processes():
+    return [p.pid for p in psutil.process_iter(["name"]) if (p.info["name"] or "").startswith("qemu-system")]
+
+
+@pytest.fixture(autouse=True)
+def no_qemu_left():
+    before = set(qemu_processes())
+    yield
+    assert set(qemu_processes()) <= before
+
+
+def guest_section(check):
+    sections = [d for d in os.listdir(check.results) if os.path.isfile(os.path.join(check.results, d, "console.log"))]
+    assert len(sections) == 1, sections
+    return os.path.join(check.results, sections[0])
+
+
+def test_cases_run_in_the_guest_with_device_mapper(check):
+    done = check("--kernel", KERNEL, *ONE, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr
+    section = guest_section(check)
+    props, cases = res.read_xml(os.path.join(section, "result.xml"))
+    assert props["kernel"] == os.path.basename(section) != os.uname().release
+    assert props["probe.device-mapper"].startswith("yes")
+    assert [c.name for c in cases] == ["stack/001[overlay-tmpfs]"] and cases[0].outcome == res.PASS
+    assert os.path.exists(os.path.join(section, "stack", "001.overlay-tmpfs.full"))
+
+
+def test_a_panicking_guest_is_exit_2_with_its_console(check):
+    done = check("--kernel", KERNEL, *ONE, "--kernel-append", "rdinit=/nonexistent", timeout=900)
+    assert done.returncode == 2
+    assert "stopped before the cases finished" in done.stderr
+    console = open(os.path.join(guest_section(check), "console.log"), errors="replace").read()
+    assert "Kernel panic" in console
+
+
+def test_a_hung_guest_is_stopped_by_the_time_limit(check):
+    done = check("--kernel", KERNEL, *ONE, "--guest-timeout", "20",
+                 "--kernel-append", "rdinit=/bin/busybox -- sleep 3600", timeout=900)
+    assert done.returncode == 2
+    assert "timed out after" in done.stderr
+
+
+def test_baseline_across_kernels(check):
+    """The running kernel's run as the baseline of a run on Debian's kernel."""
+    selection = ("stack/00[13]", "--stack", "overlay", "--stack", "idmapped", "--underlay", "tmpfs",
+                 "--underlay", "ext4")
+    host = check(*selection)
+    assert host.returncode == 0, host.stdout + host.stderr
+    host_xml = os.path.join(check.results, os.uname().release, "result.xml")
+    done = check("--kernel", KERNEL, *selection, "--baseline", host_xml, timeout=900)
+    # Debian's 6.1 has neither O_TMPFILE on overlayfs nor idmapped tmpfs: newly not run
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr
+    newly = done.stdout.split("Newly not run: ")[1].splitlines()[0]
+    assert "stack/003[overlay-tmpfs]" in newly
+    assert "stack/001[idmapped-tmpfs] (tmpfs cannot be idmapped" in newly
+    assert "Regressions: none" in done.stdout
+    report = open(os.path.join(guest_section(check), "report.html")).read()
+    assert "baseline" in report and os.uname().release in report
