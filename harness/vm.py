@@ -156,6 +156,7 @@ def _cpio_entry(out, name, mode, data=b"", ino=[0]):  # noqa: B006 - a running i
 INIT = """#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+ip link set lo up  # pytest-xdist and pytest-rerunfailures talk over loopback
 for m in $(cat /modules.order); do insmod "/modules/$m" || echo "stackcheck-guest: insmod $m failed"; done
 mkdir -p /host
 if ! mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose hostroot /host; then
