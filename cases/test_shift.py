@@ -65,7 +65,8 @@ def _container_edits(root):
 
 
 @case("stack/020", "Container root creates, chmods, chowns, sets xattrs and an ACL through the stack; "
-      "the underlay holds the on-disk ids", GROUPS, bug=SHIFT, needs=NEEDS)
+      "the underlay holds the on-disk ids", GROUPS, bug=SHIFT,
+      needs=Needs(stack_traits=("shift",), features=("user_xattr@{fs}",)))
 def test_container_edits_land_on_disk(stack):
     seen = stack.run(_container_edits, stack.path())
     check(seen == {"P": (0, 0), "R": (1000, 1000)}, "S4 the container sees its own ids", f"got {seen}")

@@ -164,6 +164,17 @@ def _probe_idmapped(probe, under, fs):
         os.close(userns)
 
 
+def _probe_user_xattr(probe, under, fs):
+    """user.* xattrs on the underlay itself (tmpfs has them only from Linux 6.6)."""
+    path = under.path("probe-xattr")
+    open(path, "w").close()
+    try:
+        os.setxattr(path, "user.stackcheck", b"1")
+        probe.set(f"user_xattr@{fs}", True)
+    except OSError as e:
+        probe.set(f"user_xattr@{fs}", False, f"{fs} has no user xattrs here: setxattr user.*: {_errname(e)}")
+
+
 def _probe_device_mapper(probe):
     try:
         fd = os.open("/dev/mapper/control", os.O_RDWR)
@@ -227,12 +238,14 @@ def run_probe(workdir, filesystems=scratch.UNDERLAY_FILESYSTEMS):
         for fs in filesystems:
             missing = scratch.unavailable(fs, probe)
             if missing:
-                for name in ("overlay", "idmapped") + tuple(f"overlay.{f}" for f in list(OVERLAY_OPTIONS) + ["nested"]):
+                for name in ("overlay", "idmapped", "user_xattr") + tuple(
+                        f"overlay.{f}" for f in list(OVERLAY_OPTIONS) + ["nested"]):
                     probe.set(f"{name}@{fs}", False, missing)
                 continue
             with pool.underlay(fs) as under:
                 _probe_overlay(probe, under, fs)
                 _probe_idmapped(probe, under, fs)
+                _probe_user_xattr(probe, under, fs)
     finally:
         pool.close()
     return probe
