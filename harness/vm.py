@@ -164,6 +164,9 @@ if ! mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose hostroot /host;
 fi
 mount -t 9p -o trans=virtio,version=9p2000.L,cache=none results /host/mnt
 for d in tmp run var/tmp; do mount -t tmpfs -o mode=1777 tmpfs /host/$d; done
+# the project itself, at its own path: it may live under a /tmp the guest hides
+mkdir -p /host@ROOT@ 2>/dev/null
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,cache=loose project /host@ROOT@
 for d in dev proc sys; do mount --move /$d /host/$d; done
 echo "stackcheck-guest: kernel $(uname -r) up; running the cases"
 # switch_root, not chroot: unshare(CLONE_NEWUSER) refuses a chrooted caller (EPERM)
@@ -177,7 +180,7 @@ def build_initramfs(path, modules):
             _cpio_entry(out, d, stat.S_IFDIR | 0o755)
         with open(BUSYBOX, "rb") as f:
             _cpio_entry(out, "bin/busybox", stat.S_IFREG | 0o755, f.read())
-        _cpio_entry(out, "init", stat.S_IFREG | 0o755, INIT.encode())
+        _cpio_entry(out, "init", stat.S_IFREG | 0o755, INIT.replace("@ROOT@", shlex.quote(ROOT)).encode())
         names = []
         for module in modules:
             with open(module, "rb") as f:
@@ -227,7 +230,8 @@ def run(spec, cli_args, results_dir, workdir, modules=None, timeout=3600, append
             "-kernel", vmlinuz, "-initrd", initrd,
             "-append", f"console=ttyS0 quiet loglevel=3 panic=-1 {append}".strip(),
             "-virtfs", "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap",
-            "-virtfs", f"local,path={os.path.realpath(results_dir)},mount_tag=results,security_model=none"]
+            "-virtfs", f"local,path={os.path.realpath(results_dir)},mount_tag=results,security_model=none",
+            "-virtfs", f"local,path={ROOT},mount_tag=project,security_model=none,readonly=on"]
     _say(f"booting {release} under QEMU ({accel}); console in {os.path.relpath(section_dir)}/console.log")
     started = time.monotonic()
     console_path = os.path.join(section_dir, "console.log")
