@@ -34,13 +34,14 @@ class Bug:
 @dataclass(frozen=True)
 class Needs:
     stack_traits: tuple = ()    # the stack must have all of these ("shift", "union")
+    not_traits: tuple = ()      # and none of these ("volatile")
     filesystems: tuple = ()     # underlays the case means something on (empty: all)
     features: tuple = ()        # probe features; "{fs}" stands for the underlay
     min_kernel: str | None = None
     commands: tuple = ()
 
     def applies_to(self, stack_traits, fstype):
-        return (set(self.stack_traits) <= set(stack_traits)
+        return (set(self.stack_traits) <= set(stack_traits) and not set(self.not_traits) & set(stack_traits)
                 and (not self.filesystems or fstype in self.filesystems))
 
     def unmet(self, probe, fstype):

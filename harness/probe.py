@@ -233,6 +233,9 @@ def run_probe(workdir, filesystems=scratch.UNDERLAY_FILESYSTEMS):
     _probe_device_mapper(probe)
     has_shiftfs = "shiftfs" in fs_list
     probe.set("shiftfs", has_shiftfs, "" if has_shiftfs else "kernel has no shiftfs (an Ubuntu-only filesystem)")
+    from harness import faults  # late: its backends use the probe's answers above
+    backend, why_not = faults.choose(probe)
+    probe.set("faults", backend is not None, f"backend {backend.name}" if backend else why_not)
     pool = scratch.ScratchPool(workdir)
     try:
         for fs in filesystems:

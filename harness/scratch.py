@@ -53,11 +53,12 @@ def unavailable(fstype, probe):
 class Underlay:
     """A mounted scratch filesystem."""
 
-    def __init__(self, fstype, root, device=None, options=""):
+    def __init__(self, fstype, root, device=None, options="", faulty=None):
         self.fstype = fstype
         self.root = root
         self.device = device
         self.options = options
+        self.faulty = faulty  # the fault backend's device, for the eio cases
 
     def path(self, *parts):
         return os.path.join(self.root, *parts)
@@ -100,20 +101,33 @@ class ScratchPool:
             raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()}")
 
     @contextlib.contextmanager
-    def underlay(self, fstype, options="", mkfs_options=(), name="underlay"):
-        """A freshly made fstype mounted at <pool>/<name>; all undone on exit."""
+    def underlay(self, fstype, options="", mkfs_options=(), name="underlay", fault_backend=None):
+        """A freshly made fstype mounted at <pool>/<name>; all undone on exit.
+        With fault_backend, it lies on that backend's faulty device."""
         root = os.path.join(self.directory, name)
         os.makedirs(root, exist_ok=True)
-        loop = None
+        loop = faulty = None
         try:
-            if fstype == "tmpfs":
+            if fault_backend is not None:
+                self._serial += 1
+                image = os.path.join(self._image_dir(fstype), f"{TAG}-faulty-{self._serial}.img")
+                with open(image, "wb") as f:
+                    f.truncate(IMAGE_SIZE)
+                faulty = fault_backend(image, os.path.join(self.directory, f"faulty-{self._serial}"))
+                log.info("faulty device: %s", faulty.describe())
+                self.format(fstype, faulty.path, mkfs_options)
+                # errors=continue: a failed data write must not end the filesystem
+                options = ",".join(filter(None, [options, "errors=continue" if fstype == "ext4" else ""]))
+                syscalls.mount(faulty.path, root, fstype, 0, options or None)
+            elif fstype == "tmpfs":
                 syscalls.mount(f"{TAG}-tmpfs", root, "tmpfs", 0,
                                ",".join(filter(None, ["size=512m", options])))
             else:
                 loop = self._new_device(fstype)
                 self.format(fstype, loop.path, mkfs_options)
                 syscalls.mount(loop.path, root, fstype, 0, options or None)
-            under = Underlay(fstype, root, loop.path if loop else None, options)
+            device = faulty.path if faulty else loop.path if loop else None
+            under = Underlay(fstype, root, device, options, faulty)
             log.info("underlay: %s", under.describe())
             try:
                 yield under
@@ -124,6 +138,9 @@ class ScratchPool:
             if loop is not None:
                 loop.detach()  # autoclear finishes it if a dying namespace still holds the fs
                 os.unlink(loop.image)
+            if faulty is not None:
+                faulty.destroy()
+                os.unlink(faulty.image)
 
     def close(self):
         if self._images_mounted:

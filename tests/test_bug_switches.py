@@ -20,6 +20,12 @@ SWITCHES = {
     "unlinked-special": ({"stack/005", "stack/006", "stack/007"}, ("S2 fstat(fd) of the unlinked", "got ENOENT")),
     "stale-dentry": ({"stack/010", "stack/011", "stack/013", "stack/014", "stack/015"}, ("S3 ",)),
 }
+# The sync switches' cases are the eio group: a writeback error on a faulty device.
+SYNC_SWITCHES = {
+    "sync-swallow": "first fsync after the device failed: expected EIO, got success",
+    "sync-repeat": "second fsync: the error was reported to this fd already: expected success, got EIO",
+}
+EIO_RUN = ("--stack", "fuse-shift", "--underlay", "ext4", "-g", "eio")
 
 
 def failures(stdout):
@@ -60,9 +66,19 @@ def test_stale_dentry_shows_the_differing_md5(check):
     assert re.search(r"read F: expected [0-9a-f]{32}, got [0-9a-f]{32}", message), message
 
 
-@pytest.mark.parametrize("switch", ["sync-swallow", "sync-repeat"])
+@pytest.mark.parametrize("switch", sorted(SYNC_SWITCHES))
+def test_sync_switch_turns_the_eio_case_red(check, switch):
+    healthy = check(*EIO_RUN, timeout=900)
+    assert healthy.returncode == 0, healthy.stdout[-3000:] + healthy.stderr
+    done = check(*EIO_RUN, "--stack-option", f"bug={switch}", "--section", switch, timeout=900)
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr
+    failed = {c: m for c, m in re.findall(r"^(stack/\d+)\[fuse-shift-ext4\] - (.*) \(see ", done.stdout, re.M)}
+    assert set(failed) == {"stack/040"}, done.stdout[-3000:]
+    assert SYNC_SWITCHES[switch] in failed["stack/040"]
+
+
+@pytest.mark.parametrize("switch", sorted(SYNC_SWITCHES))
 def test_sync_switches_do_not_disturb_a_healthy_device(check, switch):
-    """They only change how errors are reported; the eio group (with a faulty
-    device) is what turns red on them."""
+    """They only change how errors are reported: with no fault, syncs stay green."""
     done = check(*FUSE_SHIFT, "-g", "sync", "--stack-option", f"bug={switch}", timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr

@@ -38,6 +38,11 @@ class Stack:
         """Probe features the variant needs; "{fs}" stands for the underlay."""
         return ()
 
+    @classmethod
+    def variant_traits(cls, variant):
+        """The kind's traits and the variant's own (settings["traits"])."""
+        return cls.traits | frozenset(cls.variants[variant].get("traits", ()))
+
     def mount(self):
         raise NotImplementedError
 

@@ -18,7 +18,9 @@ class Overlay(LayeredStack):
         "(Documentation/filesystems/overlayfs.rst, Changes to underlying filesystems)")
     variants = {
         "overlay": {"options": "", "features": ()},
-        "overlay_volatile": {"options": "volatile", "features": ("overlay.volatile@{fs}",)},
+        # "volatile": sync calls skip the upper filesystem by design (overlayfs.rst, Volatile mount)
+        "overlay_volatile": {"options": "volatile", "features": ("overlay.volatile@{fs}",),
+                             "traits": ("volatile",)},
         "overlay_metacopy": {"options": "metacopy=on,redirect_dir=on,index=on",
                              "features": ("overlay.metacopy@{fs}",)},
     }

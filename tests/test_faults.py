@@ -1,0 +1,51 @@
+"""The bundled faulty device (fusedev): exact failing ranges, and a clean teardown
+even after the filesystem on it has failed writes."""
+
+import errno
+import os
+
+import pytest
+
+from conftest import harness_traces
+from harness import fiemap, scratch
+from harness.faults.fusedev import FuseDev
+
+
+@pytest.fixture
+def pool(run_base):
+    p = scratch.ScratchPool(os.path.join(run_base, "pool"))
+    yield p
+    p.close()
+
+
+def test_fiemap_finds_the_data_and_failures_hit_only_it(pool, run_base):
+    with pool.underlay("ext4", fault_backend=FuseDev) as under:
+        path = under.path("data")
+        with open(path, "wb") as f:
+            f.write(b"x" * 65536)
+        ((start, length),) = fiemap.extents(path)
+        assert length == 65536
+        under.faulty.fail([(start, length)])
+        fd = os.open(path, os.O_WRONLY)
+        os.pwrite(fd, b"y" * 65536, 0)
+        with pytest.raises(OSError) as err:
+            os.fsync(fd)
+        assert err.value.errno == errno.EIO
+        other = under.path("other")
+        with open(other, "wb") as f:  # data elsewhere on the device is written fine
+            f.write(b"z" * 65536)
+            f.flush()
+            os.fsync(f.fileno())
+        os.close(fd)
+        under.faulty.heal()
+    pool.close()
+    assert harness_traces(run_base) == {"mounts": [], "loops": []}
+
+
+def test_teardown_while_every_write_fails(pool, run_base):
+    with pool.underlay("ext4", fault_backend=FuseDev) as under:
+        with open(under.path("f"), "wb") as f:
+            f.write(b"dirty" * 1000)
+        under.faulty.fail_all()  # umount's writeback fails: teardown must still finish
+    pool.close()
+    assert harness_traces(run_base) == {"mounts": [], "loops": []}
