@@ -15,15 +15,16 @@ KERNEL = "linux-image-amd64"
 ONE = ("stack/001", "--stack", "overlay", "--underlay", "tmpfs")
 
 
-def qemu_processes():
-    return [p.pid for p in psutil.process_iter(["name"]) if (p.info["name"] or "").startswith("qemu-system")]
+def qemu_processes(results):
+    """QEMU processes of this test's guests: they share its results directory."""
+    return [p.pid for p in psutil.process_iter(["name", "cmdline"])
+            if (p.info["name"] or "").startswith("qemu-system") and results in " ".join(p.info["cmdline"] or [])]
 
 
 @pytest.fixture(autouse=True)
-def no_qemu_left():
-    before = set(qemu_processes())
+def no_qemu_left(check):
     yield
-    assert set(qemu_processes()) <= before
+    assert qemu_processes(os.path.realpath(check.results)) == []
 
 
 def guest_section(check):
