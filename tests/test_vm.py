@@ -75,3 +75,20 @@ def test_baseline_across_kernels(check):
     assert "Regressions: none" in done.stdout
     report = open(os.path.join(guest_section(check), "report.html")).read()
     assert "baseline" in report and os.uname().release in report
+
+
+def test_eio_cases_run_over_dm_error_in_the_guest_and_match_fusedev(check):
+    """Where the kernel has device-mapper, the eio cases use its error target; their
+    results match the bundled faulty device's on this machine."""
+    selection = ("-g", "eio", "--stack", "idmapped", "--stack", "fuse-shift", "--underlay", "ext4")
+    host = check(*selection, "--section", "host-fusedev")
+    assert host.returncode == 0, host.stdout[-3000:] + host.stderr
+    host_xml = os.path.join(check.results, "host-fusedev", "result.xml")
+    done = check("--kernel", KERNEL, *selection, "--baseline", host_xml, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr
+    assert "Regressions: none" in done.stdout and "Newly not run" not in done.stdout
+    section = guest_section(check)
+    full = open(os.path.join(section, "stack", "040.idmapped-ext4.full")).read()
+    assert "faulty device: dm: /dev/mapper/stackcheck-run-" in full
+    host_full = open(os.path.join(check.results, "host-fusedev", "stack", "040.idmapped-ext4.full")).read()
+    assert "faulty device: fusedev" in host_full
