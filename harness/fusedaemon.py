@@ -7,17 +7,14 @@ daemon that died during the case is reported with its log, and its dead
 mount ("Transport endpoint is not connected") is still removed.
 """
 
-import contextlib
 import os
 import select
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
-from harness import mounts, rundir, syscalls
-from harness.rundir import TAG
+from harness import mounts, rundir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STOP_WAIT = 10  # seconds a daemon gets to exit after its unmount, and after an abort
@@ -27,32 +24,12 @@ class DaemonFailed(RuntimeError):
     pass
 
 
-@contextlib.contextmanager
-def fusectl():
-    """/sys/fs/fuse/connections, or a private fusectl mount while it is needed."""
-    standard = "/sys/fs/fuse/connections"
-    if mounts.is_mountpoint(standard):
-        yield standard
-        return
-    path = tempfile.mkdtemp(prefix=f"{TAG}-fusectl-")
-    syscalls.mount(f"{TAG}-fusectl", path, "fusectl", 0, None)
-    try:
-        yield path
-    finally:
-        mounts.unmount(path)
-        os.rmdir(path)
-
-
 def abort_connection(mountpoint):
     found = [m for m in mounts.table() if m.mountpoint == os.path.realpath(mountpoint)
              and m.fstype.startswith("fuse")]
-    if not found:
-        return False
-    with fusectl() as connections:
-        path = os.path.join(connections, found[-1].device.split(":")[1], "abort")
-        with open(path, "w") as f:
-            f.write("1")
-    return True
+    if found:
+        mounts.abort_fuse(found[-1])
+    return bool(found)
 
 
 def wait_for_mount(mountpoint, proc, timeout=30):
@@ -86,8 +63,9 @@ class FuseDaemon:
     """ready="fd": the daemon takes --ready-fd N (stackfs); ready="mount": a
     daemon of another project, ready when its mount appears."""
 
-    def __init__(self, argv, mountpoint, workdir, name, ready="fd"):
+    def __init__(self, argv, mountpoint, workdir, name, ready="fd", stop_wait=STOP_WAIT):
         self.ready = ready
+        self.stop_wait = stop_wait
         self.argv = argv
         self.mountpoint = mountpoint
         self.workdir = workdir
@@ -136,12 +114,12 @@ class FuseDaemon:
                        f"its log:\n{self.log_text()}")
         mounts.unmount(self.mountpoint)  # a dead or hung daemon's mount is detached lazily
         try:
-            self.proc.wait(timeout=STOP_WAIT)
+            self.proc.wait(timeout=self.stop_wait)
         except subprocess.TimeoutExpired:
             problem = f"{self.name} hung after its unmount; connection aborted through fusectl"
             abort_connection(self.mountpoint)
             try:
-                self.proc.wait(timeout=STOP_WAIT)
+                self.proc.wait(timeout=self.stop_wait)
             except subprocess.TimeoutExpired:
                 self.proc.send_signal(signal.SIGKILL)
                 self.proc.wait()

@@ -1,8 +1,10 @@
 """The mount table (/proc/self/mountinfo) and unmounting what lies under a path."""
 
+import contextlib
 import errno
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 
 from harness import syscalls
@@ -47,16 +49,29 @@ def is_mountpoint(path):
     return any(m.mountpoint == path for m in table())
 
 
-def fuse_connection(mount):
-    """The /sys/fs/fuse/connections entry of a FUSE mount: its device minor."""
-    return f"/sys/fs/fuse/connections/{mount.device.split(':')[1]}"
+@contextlib.contextmanager
+def fusectl():
+    """/sys/fs/fuse/connections, or a private fusectl mount while it is needed."""
+    standard = "/sys/fs/fuse/connections"
+    if is_mountpoint(standard):
+        yield standard
+        return
+    path = tempfile.mkdtemp(prefix="stackcheck-fusectl-")
+    syscalls.mount("stackcheck-fusectl", path, "fusectl", 0, None)
+    try:
+        yield path
+    finally:
+        unmount(path)
+        os.rmdir(path)
 
 
 def abort_fuse(mount):
-    """Abort a FUSE connection so that a hung or dead daemon cannot block unmount."""
+    """Abort a FUSE connection (its fusectl entry is the device minor) so that a
+    hung or dead daemon cannot block unmount."""
     try:
-        with open(os.path.join(fuse_connection(mount), "abort"), "w") as f:
-            f.write("1")
+        with fusectl() as connections:
+            with open(os.path.join(connections, mount.device.split(":")[1], "abort"), "w") as f:
+                f.write("1")
     except OSError:
         pass
 

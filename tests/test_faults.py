@@ -49,3 +49,20 @@ def test_teardown_while_every_write_fails(pool, run_base):
         under.faulty.fail_all()  # umount's writeback fails: teardown must still finish
     pool.close()
     assert harness_traces(run_base) == {"mounts": [], "loops": []}
+
+
+def test_a_hung_fuse_daemon_is_aborted_then_killed(run_base):
+    """A daemon that stops answering (SIGSTOP) cannot keep its mount or itself alive."""
+    import signal
+    from harness.fusedaemon import FuseDaemon, python_module
+    source, mnt = os.path.join(run_base, "src"), os.path.join(run_base, "mnt")
+    os.makedirs(source)
+    os.makedirs(mnt)
+    daemon = FuseDaemon(python_module("harness.stackfs", "shift", source, mnt), mnt, run_base, "stackfs",
+                        stop_wait=2)
+    daemon.start()
+    proc = daemon.proc
+    os.kill(proc.pid, signal.SIGSTOP)
+    assert daemon.stop() == "stackfs hung after its unmount; connection aborted through fusectl"
+    assert proc.poll() is not None
+    assert harness_traces(run_base) == {"mounts": [], "loops": []}

@@ -32,10 +32,6 @@ def variants():
     return list(_VARIANTS)
 
 
-def kinds():
-    return sorted({cls.kind for cls in _VARIANTS.values()})
-
-
 def stack_class(variant):
     return _VARIANTS[variant]
 
@@ -63,4 +59,4 @@ def select(names):
 
 _load()
 
-__all__ = ["Stack", "register", "variants", "kinds", "stack_class", "select", "unavailable"]
+__all__ = ["Stack", "register", "variants", "stack_class", "select", "unavailable"]
