@@ -16,6 +16,7 @@ console ends with exit status 2, its console saved as console.log; QEMU
 never outlives the run.
 """
 
+import itertools
 import os
 import re
 import shlex
@@ -143,10 +144,13 @@ def module_load_order(modules_dir, wanted=MODULES):
 
 
 # -- the initramfs --------------------------------------------------------------------------
-def _cpio_entry(out, name, mode, data=b"", ino=[0]):  # noqa: B006 - a running inode counter
-    ino[0] += 1
+_inode_numbers = itertools.count(1)
+
+
+def _cpio_entry(out, name, mode, data=b""):
+    """One entry of a newc cpio archive (what the kernel unpacks as an initramfs)."""
     name_bytes = name.encode() + b"\0"
-    fields = [ino[0], mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(name_bytes), 0]
+    fields = [next(_inode_numbers), mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(name_bytes), 0]
     out.write(b"070701" + b"".join(b"%08X" % f for f in fields) + name_bytes)
     out.write(b"\0" * (-(110 + len(name_bytes)) % 4))
     out.write(data)
