@@ -4,8 +4,9 @@ answering EIO for chosen byte ranges.
     python -m harness.faultyfs IMAGE MOUNTDIR [--ready-fd N]
 
 MOUNTDIR/disk is the image (a loop device goes over it); MOUNTDIR/control
-takes "fail START LENGTH" (bytes, repeatable), "fail all" and "heal" lines:
-once the write returns, the new set of failing ranges is in force.  The disk
+takes "fail START LENGTH" (bytes, repeatable), "fail all", "drop START LENGTH"
+(writes there succeed and are thrown away, as dm-flakey's drop_writes) and
+"heal" lines: once the write returns, the new set of ranges is in force.  The disk
 is opened direct_io, so every block write of the loop device reaches this
 daemon and an EIO here is an I/O error of the filesystem above.
 """
@@ -31,6 +32,7 @@ class FaultyFS(pyfuse3.Operations):
         self.size = os.fstat(self.fd).st_size
         self.failing = []  # [(start, end)]
         self.fail_all = False
+        self.dropping = []  # [(start, end)]: writes succeed, nothing is written
 
     def _attr(self, inode):
         attr = pyfuse3.EntryAttributes()
@@ -77,18 +79,29 @@ class FaultyFS(pyfuse3.Operations):
             for line in buf.decode().splitlines():
                 words = line.split()
                 if words == ["heal"]:
-                    self.failing, self.fail_all = [], False
+                    self.failing, self.fail_all, self.dropping = [], False, []
                 elif words == ["fail", "all"]:
                     self.fail_all = True
-                elif len(words) == 3 and words[0] == "fail":
+                elif len(words) == 3 and words[0] in ("fail", "drop"):
                     start, length = int(words[1]), int(words[2])
-                    self.failing.append((start, start + length))
+                    (self.failing if words[0] == "fail" else self.dropping).append((start, start + length))
                 else:
                     raise FUSEError(errno.EINVAL)
             return len(buf)
         if self._fails(off, len(buf)):
             raise FUSEError(errno.EIO)
-        return os.pwrite(self.fd, buf, off)
+        for start, end in self._kept(off, off + len(buf)):
+            os.pwrite(self.fd, buf[start - off:end - off], start)
+        return len(buf)
+
+    def _kept(self, first, end):
+        """The parts of [first, end) outside every dropping range."""
+        parts = [(first, end)]
+        for drop_start, drop_end in self.dropping:
+            parts = [piece for start, stop in parts
+                     for piece in ((start, min(stop, drop_start)), (max(start, drop_end), stop))
+                     if piece[0] < piece[1]]
+        return parts
 
     async def fsync(self, fh, datasync):
         if fh == DISK:

@@ -29,7 +29,7 @@ log = logging.getLogger("stackcheck.scratch")
 IMAGE_SIZE = 512 << 20
 # Sparse images use memory only for what is written.
 IMAGES_TMPFS_SIZE = "8g"
-IMAGES_ON_DISK = ("xfs",)
+IMAGES_ON_DISK = ("xfs", "xfs-log")
 MKFS = {
     "ext4": ["mkfs.ext4", "-q", "-F", "-E", "nodiscard,lazy_itable_init=1,lazy_journal_init=1"],
     "xfs": ["mkfs.xfs", "-q", "-f", "-K"],
@@ -53,19 +53,35 @@ def unavailable(fstype, probe):
 class Underlay:
     """A mounted scratch filesystem."""
 
-    def __init__(self, fstype, root, device=None, options="", faulty=None):
+    def __init__(self, fstype, root, device=None, options="", faulty=None, layout=""):
         self.fstype = fstype
         self.root = root
         self.device = device
         self.options = options
         self.faulty = faulty  # the fault backend's device, for the eio cases
+        self.layout = layout  # where the journal or log lives, when it matters
 
     def path(self, *parts):
         return os.path.join(self.root, *parts)
 
+    def mount(self):
+        if self.device is None:
+            syscalls.mount(f"{TAG}-tmpfs", self.root, "tmpfs", 0, ",".join(filter(None, ["size=512m", self.options])))
+        else:
+            syscalls.mount(self.device, self.root, self.fstype, 0, self.options or None)
+
+    def remount(self):
+        """Unmount and mount again, so what is read next comes from the device."""
+        if self.device is None:
+            raise ValueError("a tmpfs underlay cannot be mounted again: its contents live in memory only")
+        mounts.unmount(self.root)
+        self.mount()
+        log.info("underlay mounted again: %s", self.describe())
+
     def describe(self):
         where = f" on {self.device}" if self.device else ""
-        return f"{self.fstype}{where} at {self.root} (options: {self.options or 'defaults'})"
+        layout = f"; {self.layout}" if self.layout else ""
+        return f"{self.fstype}{where} at {self.root} (options: {self.options or 'defaults'}{layout})"
 
 
 class ScratchPool:
@@ -106,28 +122,21 @@ class ScratchPool:
         With fault_backend, it lies on that backend's faulty device."""
         root = os.path.join(self.directory, name)
         os.makedirs(root, exist_ok=True)
-        loop = faulty = None
+        devices = []  # undone in reverse order
         try:
+            device, faulty, layout = None, None, ""
             if fault_backend is not None:
-                self._serial += 1
-                image = os.path.join(self._image_dir(fstype), f"{TAG}-faulty-{self._serial}.img")
-                with open(image, "wb") as f:
-                    f.truncate(IMAGE_SIZE)
-                faulty = fault_backend(image, os.path.join(self.directory, f"faulty-{self._serial}"))
-                log.info("faulty device: %s", faulty.describe())
-                self.format(fstype, faulty.path, mkfs_options)
-                # errors=continue: a failed data write must not end the filesystem
-                options = ",".join(filter(None, [options, "errors=continue" if fstype == "ext4" else ""]))
-                syscalls.mount(faulty.path, root, fstype, 0, options or None)
-            elif fstype == "tmpfs":
-                syscalls.mount(f"{TAG}-tmpfs", root, "tmpfs", 0,
-                               ",".join(filter(None, ["size=512m", options])))
-            else:
-                loop = self._new_device(fstype)
-                self.format(fstype, loop.path, mkfs_options)
-                syscalls.mount(loop.path, root, fstype, 0, options or None)
-            device = faulty.path if faulty else loop.path if loop else None
-            under = Underlay(fstype, root, device, options, faulty)
+                faulty = self._faulty_device(fault_backend, fstype)
+                devices.append(faulty)
+                device = faulty.path
+                options, mkfs_options, layout = self._fault_layout(fstype, options, mkfs_options, devices)
+            elif fstype != "tmpfs":
+                devices.append(self._new_device(fstype))
+                device = devices[-1].path
+            if device is not None:
+                self.format(fstype, device, mkfs_options)
+            under = Underlay(fstype, root, device, options, faulty, layout)
+            under.mount()
             log.info("underlay: %s", under.describe())
             try:
                 yield under
@@ -135,12 +144,40 @@ class ScratchPool:
                 mounts.unmount(root)
                 log.info("underlay unmounted: %s", root)
         finally:
-            if loop is not None:
-                loop.detach()  # autoclear finishes it if a dying namespace still holds the fs
-                os.unlink(loop.image)
-            if faulty is not None:
-                faulty.destroy()
-                os.unlink(faulty.image)
+            for dev in reversed(devices):
+                self._release(dev)
+
+    def _fault_layout(self, fstype, options, mkfs_options, devices):
+        """Keep error reporting meaningful when only data blocks fail, as
+        generic/441 does: ext4 carries on after an I/O error (errors=continue),
+        xfs keeps its log on a second, healthy device."""
+        if fstype == "ext4":
+            return (",".join(filter(None, [options, "errors=continue"])), mkfs_options,
+                    "journal inside the faulty device; only file data blocks are failed, errors=continue")
+        if fstype == "xfs":
+            logdev = self._new_device("xfs-log")
+            devices.append(logdev)
+            return (",".join(filter(None, [options, f"logdev={logdev.path}"])),
+                    [*mkfs_options, "-l", f"logdev={logdev.path},size=64m"],
+                    f"log on a separate healthy device {logdev.path}")
+        return options, mkfs_options, ""
+
+    def _faulty_device(self, backend, fstype):
+        self._serial += 1
+        image = os.path.join(self._image_dir(fstype), f"{TAG}-faulty-{self._serial}.img")
+        with open(image, "wb") as f:
+            f.truncate(IMAGE_SIZE)
+        faulty = backend(image, os.path.join(self.directory, f"faulty-{self._serial}"))
+        log.info("faulty device: %s", faulty.describe())
+        return faulty
+
+    @staticmethod
+    def _release(device):
+        if isinstance(device, loopdev.LoopDevice):
+            device.detach()  # autoclear finishes it if a dying namespace still holds the fs
+        else:
+            device.destroy()
+        os.unlink(device.image)
 
     def close(self):
         if self._images_mounted:

@@ -66,15 +66,27 @@ def test_stale_dentry_shows_the_differing_md5(check):
     assert re.search(r"read F: expected [0-9a-f]{32}, got [0-9a-f]{32}", message), message
 
 
+# stack/042 fails on every FUSE stack without a switch: the kernel never sends syncfs
+# to a FUSE server (harness/errseq.py).  sync-swallow moves its failure to the fsync step.
+KNOWN_GAP = {"stack/042": "known gap"}
+SYNC_SWITCH_042 = {"sync-swallow": "S5.1 F1: fsync after the failed writeback: expected EIO, got success",
+                   "sync-repeat": "known gap"}
+
+
+def eio_failures(stdout):
+    return {c: m for c, m in re.findall(r"^(stack/\d+)\[fuse-shift-ext4\] - (.*) \(see ", stdout, re.M)}
+
+
 @pytest.mark.parametrize("switch", sorted(SYNC_SWITCHES))
 def test_sync_switch_turns_the_eio_case_red(check, switch):
-    healthy = check(*EIO_RUN, timeout=900)
-    assert healthy.returncode == 0, healthy.stdout[-3000:] + healthy.stderr
+    healthy = eio_failures(check(*EIO_RUN, timeout=900).stdout)
+    assert set(healthy) == set(KNOWN_GAP) and KNOWN_GAP["stack/042"] in healthy["stack/042"], healthy
     done = check(*EIO_RUN, "--stack-option", f"bug={switch}", "--section", switch, timeout=900)
     assert done.returncode == 1, done.stdout[-3000:] + done.stderr
-    failed = {c: m for c, m in re.findall(r"^(stack/\d+)\[fuse-shift-ext4\] - (.*) \(see ", done.stdout, re.M)}
-    assert set(failed) == {"stack/040"}, done.stdout[-3000:]
+    failed = eio_failures(done.stdout)
+    assert set(failed) == {"stack/040", "stack/042"}, done.stdout[-3000:]
     assert SYNC_SWITCHES[switch] in failed["stack/040"]
+    assert SYNC_SWITCH_042[switch] in failed["stack/042"]
 
 
 @pytest.mark.parametrize("switch", sorted(SYNC_SWITCHES))

@@ -42,6 +42,24 @@ def test_fiemap_finds_the_data_and_failures_hit_only_it(pool, run_base):
     assert harness_traces(run_base) == {"mounts": [], "loops": []}
 
 
+def test_dropped_writes_succeed_and_vanish_only_in_their_range(pool, run_base):
+    """drop_writes (dm-flakey's drop_writes): fsync says 0, the device keeps the old data."""
+    with pool.underlay("ext4", fault_backend=FuseDev) as under:
+        path = under.path("data")
+        with open(path, "wb") as f:
+            f.write(b"x" * 3 * 65536)
+        ((start, _),) = fiemap.extents(path)
+        under.faulty.drop_writes([(start + 65536, 65536)])
+        fd = os.open(path, os.O_WRONLY)
+        os.pwrite(fd, b"y" * 3 * 65536, 0)
+        os.fsync(fd)  # no error: the device claims the writes
+        os.close(fd)
+        assert fiemap.read_on_device(path, under.device) == b"y" * 65536 + b"x" * 65536 + b"y" * 65536
+        under.faulty.heal()
+    pool.close()
+    assert harness_traces(run_base) == {"mounts": [], "loops": []}
+
+
 def test_teardown_while_every_write_fails(pool, run_base):
     with pool.underlay("ext4", fault_backend=FuseDev) as under:
         with open(under.path("f"), "wb") as f:

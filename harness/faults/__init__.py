@@ -1,9 +1,9 @@
 """Fault backends: a block device for an underlay that fails chosen byte ranges.
 
 Every module here registers one backend; the probe picks the first this
-machine can run.  A device offers fail(ranges), fail_all(), heal() and
-destroy(); ranges are (byte offset, length) on the device, as FIEMAP gives
-them for a file's data.
+machine can run.  A device offers fail(ranges), drop_writes(ranges),
+fail_all(), heal() and destroy(); ranges are (byte offset, length) on the
+device, as FIEMAP gives them for a file's data.
 """
 
 import importlib

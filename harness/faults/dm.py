@@ -2,7 +2,8 @@
 
 A linear table over a loop device; fail(ranges) loads a table whose failing
 sector ranges are `error` segments (dmsetup suspend --nolockfs, load, resume),
-heal() loads the linear table again.  Names carry the stackcheck prefix and are
+drop_writes(ranges) makes them dm-flakey segments that drop writes (always
+down, as xfstests' common/dmflakey does), heal() loads the linear table again.  Names carry the stackcheck prefix and are
 always removed on teardown.  Works without udev (DM_DISABLE_UDEV=1, --noudevsync).
 """
 
@@ -59,8 +60,8 @@ class DmError:
         if done.returncode:
             raise RuntimeError(f"dmsetup {' '.join(args)}: {done.stderr.strip()}")
 
-    def _table(self, ranges):
-        """Linear everywhere but the failing sector ranges, which are error segments."""
+    def _table(self, ranges, target=lambda first: "error"):
+        """Linear everywhere but the chosen sector ranges, which get `target`."""
         bad = sorted((start // SECTOR, -(-(start + length) // SECTOR)) for start, length in ranges)
         lines, at = [], 0
         for first, end in bad:
@@ -68,7 +69,7 @@ class DmError:
             if first > at:
                 lines.append(f"{at} {first - at} linear {self.loop.path} {at}")
             if end > first:
-                lines.append(f"{first} {end - first} error")
+                lines.append(f"{first} {end - first} {target(first)}")
             at = max(at, end)
         if at < self.sectors:
             lines.append(f"{at} {self.sectors - at} linear {self.loop.path} {at}")
@@ -83,6 +84,10 @@ class DmError:
 
     def fail(self, ranges):
         self._swap(self._table(ranges))
+
+    def drop_writes(self, ranges):
+        # flakey <dev> <offset> <up 0 s> <down 180 s> 1 drop_writes: always down, writes vanish
+        self._swap(self._table(ranges, lambda first: f"flakey {self.loop.path} {first} 0 180 1 drop_writes"))
 
     def fail_all(self):
         self._swap(f"0 {self.sectors} error")

@@ -48,6 +48,9 @@ class FuseDev:
     def fail(self, ranges):
         self._control("".join(f"fail {start} {length}\n" for start, length in ranges))
 
+    def drop_writes(self, ranges):
+        self._control("".join(f"drop {start} {length}\n" for start, length in ranges))
+
     def fail_all(self):
         self._control("fail all\n")
 

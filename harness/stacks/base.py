@@ -55,6 +55,13 @@ class Stack:
             self.mounted = False
             log.info("unmounted %s", self.variant)
 
+    def cycle(self):
+        """Unmount the stack and its underlay, then mount both again: what is
+        read afterwards comes from the device, not from a cache."""
+        self.unmount()
+        self.underlay.remount()
+        self.mount()
+
     def path(self, *rel):
         """rel through the stack."""
         return os.path.join(self.mountpoint, *rel)
