@@ -4,7 +4,7 @@ A single-file FUSE filesystem (harness/faultyfs.py) serves the image and
 answers EIO for the failing ranges; a loop device goes over its file.  Writes
 in a failing range come back to the filesystem on the loop device as real
 block I/O errors, so fsync and syncfs see EIO through the normal kernel path
-(measured in shared/machine.md).  Teardown: loop device, then the daemon.
+(tried on kernels without device-mapper).  Teardown: loop device, then the daemon.
 """
 
 import os

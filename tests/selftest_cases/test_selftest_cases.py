@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from fixtures import Needs, case, expect_errno, step
+from fixtures import Needs, case, check, expect_errno, log, step
 from harness import kmsg
 
 GROUPS = ("selftest",)
@@ -73,3 +73,27 @@ def test_fails_once(stack):
     if not os.path.exists(marker):
         open(marker, "w").close()
         raise AssertionError("selftest/007: first attempt fails on purpose")
+
+
+@case("selftest/008", "The fault backend's drop_writes: fsync says 0 and the device keeps the old data, "
+      "in the chosen range only", GROUPS, needs=Needs(features=("faults",), filesystems=("ext4",)))
+def test_fault_backend_drops_writes(stack):
+    from harness.fiemap import extents, read_on_device
+    device = stack.underlay.faulty
+    log(f"faulty device: {device.describe()}")
+    path = stack.underlay.path("dropped")
+    with open(path, "wb") as f:
+        f.write(b"x" * 3 * 65536)
+    ((start, _),) = extents(path)
+    device.drop_writes([(start + 65536, 65536)])
+    try:
+        with step("selftest: overwrite the file and fsync while its middle third drops writes"):
+            fd = os.open(path, os.O_WRONLY)
+            os.pwrite(fd, b"y" * 3 * 65536, 0)
+            os.fsync(fd)
+            os.close(fd)
+        on_disk = read_on_device(path, device.path)
+    finally:
+        device.heal()
+    check(on_disk == b"y" * 65536 + b"x" * 65536 + b"y" * 65536,
+          "selftest: only the middle third kept its old data on the device")
