@@ -76,8 +76,10 @@ def _fork(body, idmap=None, new_mount_ns=True, join=None):
             _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
             if join is not None:
                 idmap = idmap or CONTAINER_MAP  # joined: become that container's root
-                for ns in ("user", "mnt"):
-                    fd = os.open(f"/proc/{join}/ns/{ns}", os.O_RDONLY)
+                # Open both before joining: once in the container's user namespace we
+                # could not open them while `join` is briefly non-dumpable (its setresuid).
+                fds = [os.open(f"/proc/{join}/ns/{ns}", os.O_RDONLY) for ns in ("user", "mnt")]
+                for fd in fds:
                     syscalls.setns(fd)
                     os.close(fd)
             elif idmap is not None:

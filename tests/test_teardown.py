@@ -66,6 +66,18 @@ def test_pass_or_fail_leaves_nothing(check, selftest_case, status):
     assert run_dirs(check) == []
 
 
+def test_a_stack_user_left_running_by_a_failed_case_is_ended_before_teardown(check):
+    """Its mount namespace would keep the FUSE mount alive: the daemon would hang."""
+    done = check("selftest/009", "--stack", "fuse-shift", "--underlay", "ext4", "--section", "leftuser",
+                 selftest=True)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "fail with the stack user still running" in done.stdout
+    out_bad = open(os.path.join(check.section_dir(), "selftest", "009.fuse-shift-ext4.out.bad")).read()
+    assert "teardown" not in out_bad, out_bad
+    assert harness_traces(check.run_base) == NOTHING
+    assert processes_of("leftuser") == []
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_mid_case_tears_down(check, signum):
     marker = f"leaktest-signal-{signum}"

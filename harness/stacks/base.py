@@ -32,6 +32,7 @@ class Stack:
         self.workdir = workdir
         self.mountpoint = os.path.join(workdir, "mnt")
         self.mounted = False
+        self._users = []  # processes started through start(): ended before any unmount
 
     @classmethod
     def features(cls, variant):
@@ -50,6 +51,11 @@ class Stack:
         mounts.unmount(self.mountpoint)
 
     def unmount(self):
+        # A stack user a failed case left running holds a copy of the mounts in
+        # its namespace: end it first, or the underlay outlives its umount.
+        for user in self._users:
+            user.close()
+        self._users.clear()
         if self.mounted:
             self._unmount()
             self.mounted = False
@@ -78,8 +84,11 @@ class Stack:
         """Start fn(channel, *args) in a process of the stack's user (see
         container.start); beside=<a running Child>: in the same container."""
         if beside is not None and self.user_map is not None:
-            return container.start(fn, *args, join=beside.pid)
-        return container.start(fn, *args, idmap=self.user_map)
+            user = container.start(fn, *args, join=beside.pid)
+        else:
+            user = container.start(fn, *args, idmap=self.user_map)
+        self._users.append(user)
+        return user
 
     def run(self, fn, *args, beside=None):
         """fn(*args) in a process of the stack's user; returns fn's result."""

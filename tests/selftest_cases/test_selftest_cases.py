@@ -97,3 +97,15 @@ def test_fault_backend_drops_writes(stack):
         device.heal()
     check(on_disk == b"y" * 65536 + b"x" * 65536 + b"y" * 65536,
           "selftest: only the middle third kept its old data on the device")
+
+
+def _wait_forever(channel):
+    channel.send("started")
+    channel.recv()  # nobody ever sends: the harness must end this process
+
+
+@case("selftest/009", "Fails while a stack user it started is still running", GROUPS)
+def test_fails_with_a_user_left_running(stack):
+    user = stack.start(_wait_forever)
+    check(user.recv() == "started", "selftest: the stack user runs")
+    check(False, "selftest: fail with the stack user still running")
