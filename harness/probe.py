@@ -18,7 +18,7 @@ from harness import container, mounts, scratch, syscalls
 from harness.rundir import TAG
 
 TOOLS = ("mkfs.ext4", "mkfs.xfs", "mkfs.btrfs", "losetup", "dmsetup", "fusermount3",
-         "setfacl", "getfacl", "emacs", "vim", "brz", "git", "rsync", "fuse-overlayfs",
+         "setfacl", "getfacl", "emacs", "vim.nox", "brz", "git", "sed", "rsync", "fuse-overlayfs",
          "bindfs", "qemu-system-x86_64")
 
 OVERLAY_OPTIONS = {

@@ -59,6 +59,21 @@ def _tmpfile(mnt):
     return 0
 
 
+def _open_nofollow(path):
+    with open(path, "wb") as f:
+        f.write(b"regular")
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)  # as rsync opens what it replaces
+    try:
+        return os.read(fd, 16)
+    finally:
+        os.close(fd)
+
+
+def test_o_nofollow_opens_a_regular_file(stackfs):
+    mode, mnt, lands, idmap = stackfs
+    assert container.run(_open_nofollow, os.path.join(mnt, "plain"), idmap=idmap) == b"regular"
+
+
 def test_o_tmpfile_is_a_clean_eopnotsupp(stackfs):
     mode, mnt, lands, idmap = stackfs
     assert container.run(_tmpfile, mnt, idmap=idmap) in (0, errno.EOPNOTSUPP)

@@ -299,7 +299,9 @@ class ShiftFS(pyfuse3.Operations, metaclass=_ErrnoMeta):
         st = os.fstat(node.fd)
         if "estale-reopen" in self.bugs and st.st_nlink == 0:
             raise FUSEError(errno.ESTALE)
-        fd = os.open(node.proc, flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY) | os.O_CLOEXEC)
+        # O_NOFOLLOW applied to the name the kernel already resolved; on our reopen
+        # through the /proc/self/fd link it would fail every open with ELOOP (rsync).
+        fd = os.open(node.proc, flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW) | os.O_CLOEXEC)
         signature = self._signature(st)
         keep = node.open_signature == signature
         node.open_signature = signature

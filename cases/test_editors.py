@@ -1,0 +1,134 @@
+"""S3 with the real programs: emacs, brz, vim, git, sed -i and rsync (LP#1879196).
+
+The report was found with real clients: a file edited on the host with emacs,
+or rewritten by `bzr revert`, kept its old content inside an LXD container that
+read it through the shifted mount, while vim and shell redirection did not show
+it.  Each client saves in its own way (backup by rename or by copy, a temporary
+file renamed over, an in-place rewrite, git's remove and create), so each
+client x style is a case: the host runs the program on the underlay under the
+container's warm reader (fixtures/rename_over.py), which must see the new
+content, size and mtime at once, the backup where the program made one, and
+no ESTALE.  The reverse cases run the program inside the container, through
+the stack, and the host must find the content with the ids mapped.
+
+Which client x style catches the stale-dentry bug (the bundled FUSE stack's
+switch, reproducing the shiftfs bug of the report) is the point of the matrix:
+every save that gives F a new inode (emacs' default, emacs --batch, brz revert,
+vim's default and backupcopy=no, git, sed -i, rsync's default) catches it; the
+in-place rewrites (emacs backup-by-copying or no backups, vim backupcopy=yes,
+rsync --inplace) do not, as the reporter guessed.  tests/test_bug_switches.py
+holds that matrix to account.
+"""
+
+import os
+import shutil
+
+from fixtures import Bug, Needs, case, check, log, step
+from fixtures.rename_over import replace_under_stack
+from harness import clients
+
+LP1879196 = Bug("shiftfs: a file edited on the host with emacs or bzr revert keeps its old content in the container",
+                lp=1879196, link="https://bugs.launchpad.net/bugs/1879196")
+OLD = b"version A, as the host wrote it\n"
+FAST = ("auto", "editors", "rename")   # well under a second a save
+SLOW = ("editors", "rename")           # terminal sessions and brz's start-up
+
+# case id: (client, style, groups); the ids stay fixed when clients are added
+HOST_EDITS = {
+    "stack/050": ("emacs", "backup-rename", SLOW),
+    "stack/051": ("emacs", "backup-copy", SLOW),
+    "stack/052": ("emacs", "no-backup", SLOW),
+    "stack/053": ("emacs", "batch", FAST),
+    "stack/054": ("brz", "revert", SLOW),
+    "stack/055": ("brz", "revert-no-backup", SLOW),
+    "stack/056": ("vim", "auto", SLOW),
+    "stack/057": ("vim", "yes", SLOW),
+    "stack/058": ("vim", "no", SLOW),
+    "stack/059": ("git", "checkout", FAST),
+    "stack/060": ("git", "stash", FAST),
+    "stack/061": ("sed", "in-place", FAST),
+    "stack/062": ("rsync", "default", FAST),
+    "stack/063": ("rsync", "inplace", FAST),
+}
+CONTAINER_EDITS = {
+    "stack/070": ("emacs", "backup-rename", SLOW),
+    "stack/071": ("brz", "revert", SLOW),
+    "stack/072": ("vim", "auto", SLOW),
+    "stack/073": ("git", "checkout", FAST),
+    "stack/074": ("sed", "in-place", FAST),
+    "stack/075": ("rsync", "default", FAST),
+}
+
+
+def new_content(name, style):
+    return f"version B, saved by {name} ({style})\n".encode()
+
+
+def session_for(stack, owner=0):
+    """A fresh HOME for the client, beside the stack (not on the underlay), owned by
+    whoever runs the client."""
+    home = os.path.join(stack.workdir, "client-home")
+    shutil.rmtree(home, ignore_errors=True)
+    os.makedirs(home, mode=0o755)
+    os.chown(home, owner, owner)
+    return clients.Session(home)
+
+
+def host_edit_case(stack, name, style):
+    client = clients.client(name)
+    session = session_for(stack)
+    log(f"client: {client.version(session)}; {style}: {client.styles[style]}")
+    new = new_content(name, style)
+    replace_under_stack(stack, lambda path: client.save_and_check(path, new, style, session),
+                        f"{name} ({style})", OLD, new=new,
+                        prepare=lambda path, old: client.prepare(path, old, new, session))
+
+
+def _edit_in_container(root, name, style, home):
+    client = clients.client(name)
+    session = clients.Session(home)
+    path = os.path.join(root, "F")
+    new = new_content(name, style)
+    with step(f"S4 container: {name} ({style}) edits F through the stack"):
+        client.prepare(path, OLD, new, session)
+        return client.save_and_check(path, new, style, session)
+
+
+def container_edit_case(stack, name, style):
+    client = clients.client(name)
+    session = session_for(stack, owner=stack.host_ids(0))
+    log(f"client: {client.version(session)}; {style}: {client.styles[style]}")
+    backup = stack.run(_edit_in_container, stack.path(), name, style, session.home)
+    # A shifting stack maps container root to on-disk 0; otherwise its host id is what lands.
+    owner = 0 if "shift" in stack.variant_traits(stack.variant) else stack.host_ids(0)
+    for rel, content in (("F", new_content(name, style)), (backup, OLD)):
+        if rel is None:
+            continue
+        path = stack.on_underlay(rel)
+        with step(f"S4 host: read {rel} on the underlay"):
+            with open(path, "rb") as f:
+                data = f.read()
+            st = os.stat(path)
+        check(data == content, f"S4 host: {rel} holds what {name} saved in the container", f"{data[:60]!r}")
+        check((st.st_uid, st.st_gid) == (owner, owner), f"S4 host: {rel} is owned by container root, mapped",
+              f"uid/gid {st.st_uid}/{st.st_gid}, expected {owner}/{owner}")
+
+
+def _declare(case_id, name, style, groups, body, title):
+    cls = clients.clients()[name]
+
+    def test(stack):
+        body(stack, name, style)
+    test.__name__ = f"test_{body.__name__}_{name}_{style}".replace("-", "_")
+    test.__doc__ = cls.styles[style]
+    globals()[test.__name__] = case(case_id, title, groups, bug=LP1879196,
+                                    needs=Needs(commands=(cls.command,)))(test)
+
+
+for _id, (_name, _style, _groups) in HOST_EDITS.items():
+    _declare(_id, _name, _style, _groups, host_edit_case,
+             f"Host saves with {_name} ({_style}) under a container's warm reader; the stack shows the new "
+             "content at once")
+for _id, (_name, _style, _groups) in CONTAINER_EDITS.items():
+    _declare(_id, _name, _style, _groups, container_edit_case,
+             f"The container saves with {_name} ({_style}) through the stack; the host sees it, ids mapped")

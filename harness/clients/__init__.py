@@ -1,0 +1,155 @@
+"""Real programs that save files, driven as a person at a terminal would (pexpect).
+
+Every module here registers one Client: the command and Debian package it
+needs, its save styles, prepare() to lay out what the save starts from (a file,
+or a working tree with a local change) and save() to run the real program.
+Each run gets a clean, explicit configuration: HOME in a scratch directory, no
+user or system init files, TERM and locale set, and a timeout on every wait; a
+program that shows something unexpected fails with its screen or output.
+"""
+
+import importlib
+import os
+import pkgutil
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+
+import pexpect
+import psutil
+
+TIMEOUT = 60  # seconds for any one wait on a program; a slow CI machine is still far inside it
+_CLIENTS = {}  # name -> Client subclass
+_ESCAPES = re.compile(r"\x1b(\[[0-9;?<>=]*[ -/]*[@-~]|\][^\x07]*\x07|[()][A-Z0-9]|[=>78])")
+
+
+class ClientFailed(RuntimeError):
+    """The program did not do what a person would have seen it do."""
+
+
+def register(cls):
+    _CLIENTS[cls.name] = cls
+    return cls
+
+
+def clients():
+    return dict(_CLIENTS)
+
+
+def client(name):
+    return _CLIENTS[name]()
+
+
+def screen_text(raw):
+    """What a terminal showed, without its control sequences (for failure messages)."""
+    text = _ESCAPES.sub("", raw if isinstance(raw, str) else raw.decode(errors="replace"))
+    lines = [line.rstrip() for line in text.replace("\r", "\n").split("\n")]
+    return "\n".join(line for line in lines if line.strip())[-2000:]
+
+
+@dataclass
+class Session:
+    """Where a client runs: its HOME (a scratch directory of its own)."""
+    home: str
+
+    def env(self, extra=None):
+        # vt100: an xterm makes Emacs wait 2 s for answers to its terminal queries,
+        # and the terminal type changes nothing in how a file is saved.
+        return {"HOME": self.home, "TMPDIR": self.home, "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+                "TERM": "vt100", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "USER": "root", "LOGNAME": "root",
+                **(extra or {})}
+
+
+class Client:
+    name = ""
+    command = ""          # the executable that must be on PATH
+    package = ""          # the Debian package that has it
+    styles = {}           # style -> what the program does when it saves that way
+    env = {}              # variables that keep the program off any user or system configuration
+
+    @classmethod
+    def unavailable(cls):
+        if not shutil.which(cls.command):
+            return f"{cls.command} not found on PATH (Debian package {cls.package})"
+        return None
+
+    def version(self, session):
+        """The program's version line, for the results."""
+        return _version(self, session)
+
+    def prepare(self, path, old, new, session):
+        """Lay out what the save starts from: F holding `old`."""
+        with open(path, "wb") as f:
+            f.write(old)
+
+    def save(self, path, new, style, session):
+        """Run the program so that F ends up holding `new`; the backup's name or None."""
+        raise NotImplementedError
+
+    def save_and_check(self, path, new, style, session):
+        """save(), then make sure the program left no process of its own behind."""
+        backup = self.save(path, new, style, session)
+        left = leftover_processes()
+        if left:
+            raise ClientFailed(f"{self.name} ({style}) left processes running: {', '.join(left)}")
+        return backup
+
+    # -- helpers for the modules ------------------------------------------------------------
+    def run(self, argv, session, cwd):
+        """A non-interactive command on a pty; its output, or ClientFailed with it."""
+        output, status = pexpect.run(argv[0], args=argv[1:], env=session.env(self.env), cwd=cwd, timeout=TIMEOUT,
+                                     withexitstatus=True, encoding="utf-8", codec_errors="replace")
+        if status != 0:
+            raise ClientFailed(f"{' '.join(argv)} exited with status {status}:\n{screen_text(output)}")
+        return output
+
+    def spawn(self, argv, session, cwd):
+        return pexpect.spawn(argv[0], args=argv[1:], env=session.env(self.env), cwd=cwd, timeout=TIMEOUT,
+                             encoding="utf-8", codec_errors="replace", dimensions=(24, 100))
+
+    @staticmethod
+    def wait(child, pattern, what):
+        """Wait for `pattern` on the program's screen; fail with the screen if it never comes."""
+        try:
+            child.expect(pattern)
+        except (pexpect.TIMEOUT, pexpect.EOF) as e:
+            kind = "timed out" if isinstance(e, pexpect.TIMEOUT) else "ended"
+            shown = screen_text((child.before or "") + (child.buffer or ""))
+            child.close(force=True)
+            raise ClientFailed(f"{child.name} {kind} waiting for {what}; its screen:\n{shown}") from None
+
+    @staticmethod
+    def finish(child, what):
+        """Wait for the program to exit by itself, with status 0."""
+        Client.wait(child, pexpect.EOF, what)
+        child.close()
+        if child.exitstatus != 0:
+            raise ClientFailed(f"{child.name} exited with status {child.exitstatus} after {what}")
+
+
+_VERSIONS = {}  # command -> its version line: asked once per process
+
+
+def _version(client, session):
+    if client.command not in _VERSIONS:
+        output = client.run([client.command, "--version"], session, session.home)
+        _VERSIONS[client.command] = screen_text(output).splitlines()[0]
+    return _VERSIONS[client.command]
+
+
+def leftover_processes():
+    """This process's descendants that are not Python (the stack users are forks of
+    the harness): a client's editor, daemon or helper still running."""
+    left = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.exe() != os.path.realpath(sys.executable) and proc.status() != psutil.STATUS_ZOMBIE:
+                left.append(f"{proc.pid} {proc.name()}")
+        except psutil.NoSuchProcess:
+            continue
+    return left
+
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
