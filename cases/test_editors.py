@@ -12,12 +12,25 @@ no ESTALE.  The reverse cases run the program inside the container, through
 the stack, and the host must find the content with the ids mapped.
 
 Which client x style catches the stale-dentry bug (the bundled FUSE stack's
-switch, reproducing the shiftfs bug of the report) is the point of the matrix:
-every save that gives F a new inode (emacs' default, emacs --batch, brz revert,
-vim's default and backupcopy=no, git, sed -i, rsync's default) catches it; the
-in-place rewrites (emacs backup-by-copying or no backups, vim backupcopy=yes,
-rsync --inplace) do not, as the reporter guessed.  tests/test_bug_switches.py
-holds that matrix to account.
+switch, reproducing the shiftfs bug of the report) is the point of the matrix,
+measured on fuse-shift over tmpfs:
+
+  red (F gets a new inode)         green (F rewritten in place)
+  050 emacs, backup by rename      051 emacs, backup-by-copying
+  053 emacs --batch                052 emacs, no backups
+  054 brz revert                   057 vim, backupcopy=yes
+  055 brz revert --no-backup       063 rsync --inplace
+  056 vim, backupcopy=auto
+  058 vim, backupcopy=no
+  059 git checkout, 060 git stash
+  061 sed -i, 062 rsync
+
+The report saw no bug with vim: vim rewrites in place whenever it makes no
+backup (its default 'backupskip' covers /tmp, for one), and with a backup its
+default renames, as emacs does.  The bug also breaks the reverse direction when
+the container's names are cached stale: 070 (emacs' lock file), 071 (brz init)
+and 073 (git init) fail with it.  tests/test_bug_switches.py holds this matrix
+to account.
 """
 
 import os

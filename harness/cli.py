@@ -57,7 +57,7 @@ def parse(argv):
     p.add_argument("--stack-option", action="append", default=[], metavar="KEY=VALUE",
                    help="option for stack kinds that take them (fuse-shift: bug=stale-dentry)")
     p.add_argument("--underlay", action="append", default=[], metavar="FS",
-                   help=f"underlay filesystem ({', '.join(scratch.UNDERLAY_FILESYSTEMS)})")
+                   help=f"underlay filesystem ({', '.join(scratch.UNDERLAYS)})")
     p.add_argument("-n", dest="dry_run", action="store_true", help="list what would run, and why the rest would not")
     p.add_argument("-j", dest="jobs", type=int, default=1, metavar="N", help="run N cases at once (pytest-xdist)")
     p.add_argument("--probe", action="store_true", help="print what this machine and kernel can do, then exit")
@@ -110,7 +110,7 @@ def _raise_interrupt(signum, frame):
 
 def _check_explicit_requests(args, probe):
     """A stack or underlay asked for by name that this machine lacks is an error."""
-    underlays = args.underlay or list(scratch.UNDERLAY_FILESYSTEMS)
+    underlays = args.underlay or list(scratch.UNDERLAYS)
     for fs in args.underlay:
         missing = scratch.unavailable(fs, probe)
         if missing:
@@ -187,8 +187,8 @@ def run(args):
     except KeyError as e:
         raise UsageError(f"unknown stack: {e.args[0]} (known: {', '.join(stacks.variants())})") from None
     for fs in args.underlay:
-        if fs not in scratch.UNDERLAY_FILESYSTEMS:
-            raise UsageError(f"unknown underlay: {fs} (known: {', '.join(scratch.UNDERLAY_FILESYSTEMS)})")
+        if fs not in scratch.UNDERLAYS:
+            raise UsageError(f"unknown underlay: {fs} (known: {', '.join(scratch.UNDERLAYS)})")
     if not os.path.isdir(args.case_dir):
         raise UsageError(f"no case directory {args.case_dir}")
     problem = unusable(args.results)

@@ -7,6 +7,7 @@ daemon that died during the case is reported with its log, and its dead
 mount ("Transport endpoint is not connected") is still removed.
 """
 
+import logging
 import os
 import select
 import signal
@@ -16,20 +17,14 @@ import time
 
 from harness import mounts, rundir
 
+log = logging.getLogger("stackcheck.fusedaemon")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STOP_WAIT = 10  # seconds a daemon gets to exit after its unmount, and after an abort
 
 
 class DaemonFailed(RuntimeError):
     pass
-
-
-def abort_connection(mountpoint):
-    found = [m for m in mounts.table() if m.mountpoint == os.path.realpath(mountpoint)
-             and m.fstype.startswith("fuse")]
-    if found:
-        mounts.abort_fuse(found[-1])
-    return bool(found)
 
 
 def wait_for_mount(mountpoint, proc, timeout=30):
@@ -67,7 +62,8 @@ class FuseDaemon:
         self.ready = ready
         self.stop_wait = stop_wait
         self.argv = argv
-        self.mountpoint = mountpoint
+        # Resolved now: once mounted, resolving it would ask a daemon that may hang.
+        self.mountpoint = os.path.realpath(mountpoint)
         self.workdir = workdir
         self.name = name
         self.log_path = os.path.join(workdir, f"{name}.log")
@@ -112,12 +108,22 @@ class FuseDaemon:
         if died_early:
             problem = (f"{self.name} died during the case (exit status {self.proc.returncode}); "
                        f"its log:\n{self.log_text()}")
+        ours = [m for m in mounts.table() if m.mountpoint == self.mountpoint
+                and m.fstype.startswith("fuse")]
         mounts.unmount(self.mountpoint)  # a dead or hung daemon's mount is detached lazily
+        # The connection outlives our unmount while another mount namespace (a container
+        # made by a case on another worker) holds a copy: end it now, that is no hang.
+        holders = mounts.namespaces_holding(ours[-1].device) if ours and not died_early else []
+        if holders:
+            log.info("%s: its mount is still held in the mount namespaces of pids %s; connection aborted",
+                     self.name, holders)
+            mounts.abort_fuse_device(ours[-1].device)
         try:
             self.proc.wait(timeout=self.stop_wait)
         except subprocess.TimeoutExpired:
             problem = f"{self.name} hung after its unmount; connection aborted through fusectl"
-            abort_connection(self.mountpoint)
+            if ours:
+                mounts.abort_fuse_device(ours[-1].device)
             try:
                 self.proc.wait(timeout=self.stop_wait)
             except subprocess.TimeoutExpired:

@@ -68,12 +68,35 @@ def fusectl():
 def abort_fuse(mount):
     """Abort a FUSE connection (its fusectl entry is the device minor) so that a
     hung or dead daemon cannot block unmount."""
+    abort_fuse_device(mount.device)
+
+
+def abort_fuse_device(device):
     try:
         with fusectl() as connections:
-            with open(os.path.join(connections, mount.device.split(":")[1], "abort"), "w") as f:
+            with open(os.path.join(connections, device.split(":")[1], "abort"), "w") as f:
                 f.write("1")
     except OSError:
         pass
+
+
+def namespaces_holding(device):
+    """Pids, one per other mount namespace, whose mount table still has a mount of
+    `device` ("major:minor"): a process that made its own mount namespace (a
+    container of a case on another worker) holds copies of every mount there was."""
+    own = os.stat("/proc/self/ns/mnt").st_ino
+    seen, holders = {own}, []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            namespace = os.stat(f"/proc/{pid}/ns/mnt").st_ino
+            if namespace in seen:
+                continue
+            seen.add(namespace)
+            if any(m.device == device for m in table(f"/proc/{pid}/mountinfo")):
+                holders.append(int(pid))
+        except OSError:  # gone, or a kernel thread
+            continue
+    return holders
 
 
 def unmount(path, lazy_fallback=True):

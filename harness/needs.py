@@ -9,6 +9,7 @@ Two kinds of condition, kept apart on purpose:
 
 from dataclasses import dataclass
 
+from harness import scratch
 from harness.probe import kernel_version
 
 
@@ -49,7 +50,7 @@ class Needs:
         if self.min_kernel and kernel_version(probe.kernel) < kernel_version(self.min_kernel):
             return f"kernel {probe.kernel} is older than {self.min_kernel}"
         for feature in self.features:
-            name = feature.format(fs=fstype)
+            name = feature.format(fs=scratch.filesystem_of(fstype))  # ext4-zram has ext4's features
             if not probe.feature(name):
                 return probe.reason(name)
         for command in self.commands:

@@ -215,6 +215,9 @@ def _probe_devices(probe):
             probe.set(name, True, path)
         except OSError as e:
             probe.set(name, False, f"{path}: {_errname(e)}")
+    from harness import zram
+    missing = zram.unavailable()
+    probe.set("zram", missing is None, missing or zram.CONTROL)
     fusectl = "/sys/fs/fuse/connections"
     ok = mounts.is_mountpoint(fusectl)
     probe.set("fusectl", ok, fusectl if ok else f"fusectl is not mounted at {fusectl}")

@@ -11,6 +11,7 @@ results/<section>/<case-id>.<stack>-<underlay>.full   the case's log, always
 import datetime
 import json
 import os
+import re
 import socket
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -171,8 +172,22 @@ def write_xml(path, section, run_properties, cases, started, ended):
             failure = ET.SubElement(case, "failure", {"message": c.reason.splitlines()[0] if c.reason else "failed"})
             failure.text = c.out_bad
         ET.SubElement(case, "system-out").text = c.stem + ".full"
+    _xml_safe(suite)
     ET.indent(suite)
     ET.ElementTree(suite).write(path, encoding="utf-8", xml_declaration=True)
+
+
+_NOT_XML = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def _xml_safe(root):
+    """Characters XML 1.0 cannot hold (a stack that returned NULs, a program's escape
+    sequences) written as \\xNN, so that result.xml stays readable by every tool."""
+    def safe(text):
+        return _NOT_XML.sub(lambda m: f"\\x{ord(m.group()):02x}", text) if text else text
+    for element in root.iter():
+        element.text = safe(element.text)
+        element.attrib.update({k: safe(v) for k, v in element.attrib.items()})
 
 
 def read_xml(path):

@@ -5,7 +5,7 @@ time, so a recycled pid is not mistaken for the owner).  A run killed with
 SIGKILL leaves that record behind; the next run finds it and removes what the
 dead run left: FUSE connections aborted, mounts below the directory unmounted
 deepest first, loop devices over its images detached, dm devices with its
-prefix removed, recorded daemons killed, then the directory itself.
+prefix removed, recorded zram devices removed, recorded daemons killed, then the directory itself.
 """
 
 import json
@@ -118,6 +118,8 @@ class RunDir:
         from harness import dmdev  # late: only runs that may have dm devices need it
         for name in dmdev.remove_with_prefix(self.dm_prefix):
             found.append(f"dm device {name}")
+        from harness import zram
+        found += [f"zram device {dev}" for dev in zram.remove_recorded(self.path)]
         for dev in loopdev.backed_by(self.path):
             found.append(f"loop device {dev}")
             loopdev.force_detach(dev)

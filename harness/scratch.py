@@ -1,4 +1,5 @@
-"""Scratch underlays: ext4, xfs and btrfs on loop devices, and tmpfs.
+"""Scratch underlays: ext4, xfs and btrfs on loop devices, tmpfs, and ext4 on
+a zram device of our own (ext4-zram).
 
 A pool belongs to one worker.  Every case gets a new sparse image, a new loop
 device and a fresh mkfs: all three cost milliseconds.  Reusing one device per
@@ -16,12 +17,13 @@ filesystem turns into a free fallocate while tmpfs must write every page
 """
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
 import subprocess
 
-from harness import loopdev, mounts, syscalls
+from harness import loopdev, mounts, syscalls, zram
 from harness.rundir import TAG
 
 log = logging.getLogger("stackcheck.scratch")
@@ -36,16 +38,26 @@ MKFS = {
     "btrfs": ["mkfs.btrfs", "-q", "-f", "-K"],
 }
 UNDERLAY_FILESYSTEMS = ("ext4", "xfs", "btrfs", "tmpfs")
+# Underlays on another kind of device than a loop: name -> the filesystem on it.
+ON_ZRAM = {"ext4-zram": "ext4"}
+UNDERLAYS = UNDERLAY_FILESYSTEMS + tuple(ON_ZRAM)
 
 
-def unavailable(fstype, probe):
-    """Why this machine cannot build an underlay of fstype, or None."""
+def filesystem_of(underlay):
+    return ON_ZRAM.get(underlay, underlay)
+
+
+def unavailable(underlay, probe):
+    """Why this machine cannot build this underlay, or None."""
+    fstype = filesystem_of(underlay)
+    if underlay in ON_ZRAM and not probe.feature("zram"):
+        return probe.reason("zram")
     if fstype not in probe.filesystems:
         return f"kernel has no {fstype} (not in /proc/filesystems)"
     if fstype in MKFS:
         if not probe.tools.get(MKFS[fstype][0]):
             return f"{MKFS[fstype][0]} not found on PATH"
-        if not probe.feature("loop"):
+        if underlay not in ON_ZRAM and not probe.feature("loop"):
             return probe.reason("loop")
     return None
 
@@ -91,6 +103,7 @@ class ScratchPool:
         os.makedirs(self.images, exist_ok=True)
         self._images_mounted = False
         self._serial = 0
+        self._held = []  # zram devices still busy when their underlay was released
 
     def _image_dir(self, fstype):
         if fstype in IMAGES_ON_DISK:
@@ -117,9 +130,10 @@ class ScratchPool:
             raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()}")
 
     @contextlib.contextmanager
-    def underlay(self, fstype, options="", mkfs_options=(), name="underlay", fault_backend=None):
-        """A freshly made fstype mounted at <pool>/<name>; all undone on exit.
-        With fault_backend, it lies on that backend's faulty device."""
+    def underlay(self, kind, options="", mkfs_options=(), name="underlay", fault_backend=None):
+        """A freshly made underlay of this kind (UNDERLAYS) mounted at <pool>/<name>;
+        all undone on exit.  With fault_backend, it lies on that backend's faulty device."""
+        fstype = filesystem_of(kind)
         root = os.path.join(self.directory, name)
         os.makedirs(root, exist_ok=True)
         devices = []  # undone in reverse order
@@ -130,6 +144,10 @@ class ScratchPool:
                 devices.append(faulty)
                 device = faulty.path
                 options, mkfs_options, layout = self._fault_layout(fstype, options, mkfs_options, devices)
+            elif kind in ON_ZRAM:
+                devices.append(zram.ZramDevice(self.directory).create(IMAGE_SIZE))
+                device = devices[-1].path
+                layout = f"zram, {devices[-1].algorithm()} compression"
             elif fstype != "tmpfs":
                 devices.append(self._new_device(fstype))
                 device = devices[-1].path
@@ -171,8 +189,17 @@ class ScratchPool:
         log.info("faulty device: %s", faulty.describe())
         return faulty
 
-    @staticmethod
-    def _release(device):
+    def _release(self, device):
+        if isinstance(device, zram.ZramDevice):
+            try:
+                device.destroy()
+            except OSError as e:
+                if e.errno != errno.EBUSY:
+                    raise
+                # A dying mount namespace still holds the filesystem: try again at close.
+                log.info("%s still held after unmount; removed at the pool's close", device)
+                self._held.append(device)
+            return
         if isinstance(device, loopdev.LoopDevice):
             device.detach()  # autoclear finishes it if a dying namespace still holds the fs
         else:
@@ -180,6 +207,9 @@ class ScratchPool:
         os.unlink(device.image)
 
     def close(self):
+        for device in self._held:
+            device.destroy()
+        self._held = []
         if self._images_mounted:
             mounts.unmount(self.images)  # lazily if a dying namespace still holds an image
             self._images_mounted = False

@@ -1,5 +1,6 @@
 """Helpers for stackcheck's own tests: run ./check as a user would, in scratch."""
 
+import glob
 import os
 import shutil
 import subprocess
@@ -53,13 +54,19 @@ def check(tmp_path, run_base):
     return CheckRunner(tmp_path, run_base)
 
 
+NO_TRACES = {"mounts": [], "loops": [], "zram": []}
+
+
 def harness_traces(run_base):
-    """Mounts, loop devices and processes that belong to runs under run_base."""
+    """Mounts, loop devices and zram devices that belong to runs under run_base."""
     with open("/proc/self/mountinfo") as f:
         mounts = sorted(line.split()[4] for line in f if run_base in line)
     loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
     loops = sorted(line for line in loops.splitlines() if run_base in line)
-    return {"mounts": mounts, "loops": loops}
+    records = glob.glob(os.path.join(glob.escape(run_base), "**", "zram.*"), recursive=True)
+    zram = sorted(f"zram{r.rsplit('.', 1)[1]}" for r in records
+                  if os.path.exists(f"/sys/block/zram{r.rsplit('.', 1)[1]}"))
+    return {"mounts": mounts, "loops": loops, "zram": zram}
 
 
 def fake_probe(**features):

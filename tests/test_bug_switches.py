@@ -28,6 +28,13 @@ SYNC_SWITCHES = {
 EIO_RUN = ("--stack", "fuse-shift", "--underlay", "ext4", "-g", "eio")
 
 
+MD5_DIFFERS = r"md5 of F: expected [0-9a-f]{32}, got [0-9a-f]{32}"
+# The real clients' matrix (cases/test_editors.py): the saves that give F a new inode.
+EDITORS_RED = {"stack/050", "stack/053", "stack/054", "stack/055", "stack/056", "stack/058",
+               "stack/059", "stack/060", "stack/061", "stack/062"}
+EDITORS_IN_PLACE = {"stack/051", "stack/052", "stack/057", "stack/063"}
+
+
 def failures(stdout):
     return {case: message for case, message in NAME.findall(stdout)}
 
@@ -63,7 +70,19 @@ def test_stale_dentry_spares_the_in_place_control(check):
 def test_stale_dentry_shows_the_differing_md5(check):
     done = check(*FUSE_SHIFT, "stack/010", "--stack-option", "bug=stale-dentry", timeout=900)
     message = failures(done.stdout)["stack/010"]
-    assert re.search(r"read F: expected [0-9a-f]{32}, got [0-9a-f]{32}", message), message
+    assert re.search(MD5_DIFFERS, message), message
+
+
+def test_stale_dentry_matrix_of_the_real_clients(check):
+    """emacs and brz go red with the differing md5 sums; the in-place saves stay green."""
+    selection = sorted(EDITORS_RED | EDITORS_IN_PLACE)
+    done = check(*FUSE_SHIFT, *selection, "--stack-option", "bug=stale-dentry", timeout=1200)
+    failed = failures(done.stdout)
+    assert set(failed) == EDITORS_RED, done.stdout[-3000:]
+    for case, message in failed.items():
+        assert message.startswith("S3 ") and re.search(MD5_DIFFERS, message), f"{case}: {message}"
+    clean = check(*FUSE_SHIFT, *selection, timeout=1200)
+    assert clean.returncode == 0, clean.stdout[-3000:] + clean.stderr
 
 
 # stack/042 fails on every FUSE stack without a switch: the kernel never sends syncfs

@@ -53,7 +53,7 @@ def run_case(run_base, machine, case_id, fstype="ext4"):
                 stack.unmount()
     finally:
         pool.close()
-    assert harness_traces(run_base) == {"mounts": [], "loops": []}
+    assert harness_traces(run_base) == NO_TRACES
 
 
 @pytest.mark.parametrize("case_id", sorted(CASES))

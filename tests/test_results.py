@@ -84,3 +84,14 @@ def test_unusable_results_dir(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert res.unusable(str(blocker / "sub")).startswith(f"cannot write results to {blocker / 'sub'}")
+
+
+def test_result_xml_holds_what_xml_cannot(tmp_path):
+    """A stack that returned NULs, or a program's escape sequences, in a failure's
+    message: result.xml stays well-formed and shows them escaped."""
+    r = make(tmp_path)
+    r.add(case(res.FAIL, "stack/002", reason="got b'\x00\x00' \x1b[7m", out_bad="content \x00\x01 seen"))
+    r.finish()
+    suite = ET.parse(os.path.join(r.dir, "result.xml")).getroot()
+    failure = next(suite.iter("testcase")).find("failure")
+    assert (failure.get("message"), failure.text) == ("got b'\\x00\\x00' \\x1b[7m", "content \\x00\\x01 seen")

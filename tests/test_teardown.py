@@ -8,10 +8,9 @@ import signal
 import psutil
 import pytest
 
-from conftest import harness_traces
+from conftest import NO_TRACES, harness_traces
 
 ONE_STACK = ("--stack", "idmapped", "--underlay", "ext4")
-NOTHING = {"mounts": [], "loops": []}
 
 
 def processes_of(*markers):
@@ -29,7 +28,7 @@ def run_dirs(check):
     return [name for name in os.listdir(check.run_base) if name.startswith("run-")]
 
 
-def start_blocking_case(check, marker, stack="idmapped"):
+def start_blocking_case(check, marker, stack="idmapped", underlay="ext4"):
     """./check on selftest/005; returns once the case is inside the stack user's
     process with the stack mounted (it says so through a FIFO: no sleep)."""
     fifo = os.path.join(check.run_base, f"announce-{marker}")  # the container must reach it
@@ -37,7 +36,8 @@ def start_blocking_case(check, marker, stack="idmapped"):
         os.mkfifo(path)
         os.chmod(path, 0o666)
     check.env["STACKCHECK_SELFTEST_FIFO"] = fifo
-    proc = check.start("selftest/005", "--stack", stack, "--underlay", "ext4", "--section", marker, selftest=True)
+    proc = check.start("selftest/005", "--stack", stack, "--underlay", underlay, "--section", marker,
+                       selftest=True)
     announce = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
     exited = os.pidfd_open(proc.pid)
     try:
@@ -52,7 +52,7 @@ def start_blocking_case(check, marker, stack="idmapped"):
         os.close(announce)
         os.close(exited)
     traces = harness_traces(check.run_base)
-    assert traces["mounts"] and traces["loops"], "the case should be running with its stack mounted"
+    assert traces["mounts"] and (traces["loops"] or traces["zram"]), "the case should be running, its stack mounted"
     return proc
 
 
@@ -61,7 +61,7 @@ def test_pass_or_fail_leaves_nothing(check, selftest_case, status):
     marker = f"leaktest-{selftest_case.replace('/', '-')}"
     done = check(selftest_case, *ONE_STACK, "--section", marker, selftest=True)
     assert done.returncode == status, done.stdout + done.stderr
-    assert harness_traces(check.run_base) == NOTHING
+    assert harness_traces(check.run_base) == NO_TRACES
     assert processes_of(marker) == []
     assert run_dirs(check) == []
 
@@ -74,7 +74,7 @@ def test_a_stack_user_left_running_by_a_failed_case_is_ended_before_teardown(che
     assert "fail with the stack user still running" in done.stdout
     out_bad = open(os.path.join(check.section_dir(), "selftest", "009.fuse-shift-ext4.out.bad")).read()
     assert "teardown" not in out_bad, out_bad
-    assert harness_traces(check.run_base) == NOTHING
+    assert harness_traces(check.run_base) == NO_TRACES
     assert processes_of("leftuser") == []
 
 
@@ -85,15 +85,18 @@ def test_signal_mid_case_tears_down(check, signum):
     proc.send_signal(signum)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, out + err
-    assert harness_traces(check.run_base) == NOTHING
+    assert harness_traces(check.run_base) == NO_TRACES
     assert processes_of(marker) == []
     assert run_dirs(check) == []
 
 
-@pytest.mark.parametrize("stack_kind", ["idmapped", "fuse-shift"])
-def test_sigkill_leftovers_are_removed_by_the_next_run(check, stack_kind):
-    marker = f"leaktest-sigkill-{stack_kind}"
-    proc = start_blocking_case(check, marker, stack_kind)
+@pytest.mark.parametrize("stack_kind, underlay", [("idmapped", "ext4"), ("fuse-shift", "ext4"),
+                                                  ("idmapped", "ext4-zram")])
+def test_sigkill_leftovers_are_removed_by_the_next_run(check, stack_kind, underlay):
+    if underlay == "ext4-zram" and not os.path.exists("/sys/class/zram-control"):
+        pytest.skip("no zram on this machine")
+    marker = f"leaktest-sigkill-{stack_kind}-{underlay}"
+    proc = start_blocking_case(check, marker, stack_kind, underlay)
     proc.kill()
     proc.communicate(timeout=60)
     left = harness_traces(check.run_base)
@@ -106,7 +109,9 @@ def test_sigkill_leftovers_are_removed_by_the_next_run(check, stack_kind):
     assert processes_of("harness.stackfs", check.run_base) == []
     for mountpoint in left["mounts"]:
         assert f"{dead_run}: removed leftover mount {mountpoint}" in done.stderr
-    assert harness_traces(check.run_base) == NOTHING
+    for device in left["zram"]:
+        assert f"{dead_run}: removed leftover zram device /dev/{device}" in done.stderr
+    assert harness_traces(check.run_base) == NO_TRACES
     assert processes_of(marker) == []
     assert run_dirs(check) == []
 
@@ -124,7 +129,7 @@ def test_live_runs_are_not_touched(check):
     finally:
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=120)
-    assert harness_traces(check.run_base) == NOTHING
+    assert harness_traces(check.run_base) == NO_TRACES
 
 
 def test_timeout_fails_the_case_and_still_tears_down(check):
@@ -135,7 +140,7 @@ def test_timeout_fails_the_case_and_still_tears_down(check):
     done = check("selftest/005", *ONE_STACK, "--timeout", "3", selftest=True)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "Timeout" in done.stdout
-    assert harness_traces(check.run_base) == NOTHING
+    assert harness_traces(check.run_base) == NO_TRACES
     assert run_dirs(check) == []
 
 
@@ -144,5 +149,5 @@ def test_daemon_crash_fails_the_case_with_its_log_and_leaves_no_dead_mount(check
     assert done.returncode == 1, done.stdout + done.stderr
     out_bad = open(os.path.join(check.section_dir(), "selftest", "006.fuse-shift-tmpfs.out.bad")).read()
     assert "fuse-shift died during the case (exit status -9); its log:" in out_bad
-    assert harness_traces(check.run_base) == NOTHING
+    assert harness_traces(check.run_base) == NO_TRACES
     assert processes_of("harness.stackfs", check.run_base) == []

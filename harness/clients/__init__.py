@@ -42,8 +42,8 @@ def client(name):
 
 
 def screen_text(raw):
-    """What a terminal showed, without its control sequences (for failure messages)."""
-    text = _ESCAPES.sub("", raw if isinstance(raw, str) else raw.decode(errors="replace"))
+    """What a terminal showed, without its control sequences or NUL padding (for failure messages)."""
+    text = _ESCAPES.sub("", raw if isinstance(raw, str) else raw.decode(errors="replace")).replace("\x00", "")
     lines = [line.rstrip() for line in text.replace("\r", "\n").split("\n")]
     return "\n".join(line for line in lines if line.strip())[-2000:]
 
@@ -66,6 +66,7 @@ class Client:
     command = ""          # the executable that must be on PATH
     package = ""          # the Debian package that has it
     styles = {}           # style -> what the program does when it saves that way
+    in_place = ()         # the styles that rewrite F's own inode (the others give F a new one)
     env = {}              # variables that keep the program off any user or system configuration
 
     @classmethod
@@ -101,7 +102,9 @@ class Client:
         output, status = pexpect.run(argv[0], args=argv[1:], env=session.env(self.env), cwd=cwd, timeout=TIMEOUT,
                                      withexitstatus=True, encoding="utf-8", codec_errors="replace")
         if status != 0:
-            raise ClientFailed(f"{' '.join(argv)} exited with status {status}:\n{screen_text(output)}")
+            shown = screen_text(output)
+            last = shown.splitlines()[-1] if shown else "no output"
+            raise ClientFailed(f"{' '.join(argv)} exited with status {status}: {last}\n{shown}")
         return output
 
     def spawn(self, argv, session, cwd):

@@ -38,6 +38,8 @@ class Emacs(Client):
         "batch": "emacs --batch with the default settings: the same save in Lisp, no terminal",
     }
 
+    in_place = ("backup-copy", "no-backup")
+
     def save(self, path, new, style, session):
         directory, name = os.path.split(path)
         had_backup = os.path.lexists(path + "~")

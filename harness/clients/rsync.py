@@ -16,6 +16,8 @@ class Rsync(Client):
         "inplace": "--inplace: F rewritten where it is",
     }
 
+    in_place = ("inplace",)
+
     def save(self, path, new, style, session):
         source = os.path.join(session.home, "rsync-source")
         with open(source, "wb") as f:

@@ -3,6 +3,9 @@
 `vim -u NONE -N` (no vimrc, no defaults.vim), the buffer replaced with ggdG and
 typed text, :w, :q, for each 'backupcopy' value.  With 'writebackup' on (the
 default) Vim makes F~ while writing and removes it afterwards: no backup is left.
+'backupskip' is emptied: its default skips backups under /tmp and $TMPDIR, where
+Vim then rewrites every file in place whatever 'backupcopy' says, as it would
+not for the user's own files.
 """
 
 import os
@@ -21,10 +24,12 @@ class Vim(Client):
         "no": "backupcopy=no: rename F aside, write a new F",
     }
 
+    in_place = ("yes",)
+
     def save(self, path, new, style, session):
         directory, name = os.path.split(path)
         vim = self.spawn([self.command, "-u", "NONE", "-i", "NONE", "-N", "-n",
-                          "--cmd", f"set backupcopy={style}", name], session, directory)
+                          "--cmd", f"set backupcopy={style} backupskip=", name], session, directory)
         self.wait(vim, rf'"{name}" \d+L', f"{name} loaded (its line count on the status line)")
         vim.send("ggdG")                        # the whole buffer deleted
         vim.send("i" + new.decode().rstrip("\n") + "\x1b")

@@ -1,0 +1,46 @@
+"""The client drivers run the real programs, which save the way each style says:
+the new content in F, the old one in the backup they name, F's own inode kept
+by the in-place styles and a new inode from the others, and no process, lock or
+temporary file left.
+The scratch is under the temporary directory on purpose: Emacs and Vim skip
+backups there by default, and the drivers must make them save as they would a
+person's file."""
+
+import os
+
+import pytest
+
+from harness import clients
+
+OLD = b"the old version\n"
+NEW = b"the new version / & \\ saved\n"
+STYLES = [(name, style) for name, cls in sorted(clients.clients().items()) for style in cls.styles]
+
+
+@pytest.mark.parametrize("name,style", STYLES, ids=[f"{n}-{s}" for n, s in STYLES])
+def test_a_client_saves_as_its_style_says(tmp_path, name, style):
+    client = clients.client(name)
+    if client.unavailable():
+        pytest.skip(client.unavailable())
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    session = clients.Session(str(home))
+    path = str(work / "F")
+    client.prepare(path, OLD, NEW, session)
+    kept = os.open(path, os.O_RDONLY)  # pins the old inode: its number cannot be reused
+    try:
+        inode = os.fstat(kept).st_ino
+        backup = client.save_and_check(path, NEW, style, session)
+        with open(path, "rb") as f:
+            assert f.read() == NEW
+        assert (os.stat(path).st_ino == inode) == (style in client.in_place), \
+            f"{name} ({style}) {'rewrote' if os.stat(path).st_ino == inode else 'replaced'} F"
+        if backup is not None:
+            with open(work / backup, "rb") as f:
+                assert f.read() == OLD
+    finally:
+        os.close(kept)
+    assert clients.leftover_processes() == []
+    # no lock, auto-save or temporary file left beside F (a repository's metadata is expected)
+    assert set(os.listdir(work)) - {".git", ".bzr"} == {"F"} | ({backup} if backup else set())
