@@ -9,6 +9,7 @@ the differing content).
 import os
 import re
 
+import psutil
 import pytest
 
 FUSE_SHIFT = ("--stack", "fuse-shift", "--underlay", "tmpfs", "-j", "2")
@@ -81,8 +82,19 @@ def test_stale_dentry_matrix_of_the_real_clients(check):
     assert set(failed) == EDITORS_RED, done.stdout[-3000:]
     for case, message in failed.items():
         assert message.startswith("S3 ") and re.search(MD5_DIFFERS, message), f"{case}: {message}"
+    assert processes_inside(check.run_base) == [], "a failed case left an editor, daemon or container process"
     clean = check(*FUSE_SHIFT, *selection, timeout=1200)
     assert clean.returncode == 0, clean.stdout[-3000:] + clean.stderr
+    assert processes_inside(check.run_base) == [], "an editor, daemon or container process was left"
+
+
+def processes_inside(directory):
+    """Processes whose cwd or command line is in directory (clients, stack users, daemons)."""
+    found = []
+    for proc in psutil.process_iter(["pid", "name", "cwd", "cmdline"]):
+        if directory in (proc.info["cwd"] or "") or directory in " ".join(proc.info["cmdline"] or []):
+            found.append(f"{proc.info['pid']} {proc.info['name']}")
+    return found
 
 
 # stack/042 fails on every FUSE stack without a switch: the kernel never sends syncfs

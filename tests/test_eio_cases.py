@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from conftest import ROOT, harness_traces
+from conftest import NO_TRACES, ROOT, harness_traces
 from harness import probe as probing, scratch, stacks
 from harness.faults.fusedev import FuseDev
 from harness.steps import StepFailed
