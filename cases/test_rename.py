@@ -11,7 +11,7 @@ import errno
 import os
 import shutil
 
-from fixtures import Bug, case, check, errname, step
+from fixtures import Bug, case, check, errname, layers_laid_out, step
 from fixtures.rename_over import attempt, judge, md5, read_md5 as _read, replace_under_stack, \
     size_and_mtime as _stat
 
@@ -114,6 +114,7 @@ def _judge_presence(stack, seen, expected, what):
 def test_negative_entries(stack):
     with open(stack.host_path("H"), "wb") as f:
         f.write(CONTENT_A)
+    layers_laid_out(stack)
     reader = stack.start(_negative_reader, stack.path())
     try:
         check(reader.recv() == "warm", "S3 the reader warmed its caches")
@@ -147,6 +148,7 @@ def test_directory_renamed_on_underlay(stack):
     os.makedirs(stack.host_path("D"))
     with open(stack.host_path("D", "F"), "wb") as f:
         f.write(CONTENT_A)
+    layers_laid_out(stack)
     reader = stack.start(_dir_rename_reader, stack.path())
     try:
         check(reader.recv() == "warm", "S3 the reader warmed its caches")

@@ -19,6 +19,7 @@ import pytest
 
 from harness import expunge, report, rundir, scratch, stacks
 from harness.baseline import compare_files
+from harness.stacks import command as command_stacks
 from harness.probe import run_probe
 from harness.results import find_xml, unusable
 
@@ -56,6 +57,11 @@ def parse(argv):
                    help=f"stack variant or glob ({', '.join(stacks.variants())}; 'overlay*')")
     p.add_argument("--stack-option", action="append", default=[], metavar="KEY=VALUE",
                    help="option for stack kinds that take them (fuse-shift: bug=stale-dentry)")
+    p.add_argument("--stack-command", action="append", default=[], metavar="NAME=KIND:TEMPLATE",
+                   help="define a FUSE stack by its command line: KIND shift or union, placeholders {source} "
+                        "{mountpoint} {uid_offset} {gid_offset} {map} or {lower} {upper} {work} {mountpoint}")
+    p.add_argument("--stack-config", action="append", default=[], metavar="FILE",
+                   help="TOML file of [stack.NAME] tables (kind, command, version) defining FUSE stacks")
     p.add_argument("--underlay", action="append", default=[], metavar="FS",
                    help=f"underlay filesystem ({', '.join(scratch.UNDERLAYS)})")
     p.add_argument("-n", dest="dry_run", action="store_true", help="list what would run, and why the rest would not")
@@ -126,7 +132,8 @@ def _pytest_args(args, run, with_selection=True):
              "--run-dir", run.path, "--results", args.results, "--timeout", str(args.timeout)]
     selection = (("--group", args.groups), ("--exclude-group", args.exclude), ("--case", args.cases),
                  ("--shard", [args.shard] if args.shard else []))
-    stack_choice = (("--stack", args.stack), ("--stack-option", args.stack_option), ("--underlay", args.underlay),
+    stack_choice = (("--stack-command", args.stack_command), ("--stack-config", args.stack_config),
+                    ("--stack", args.stack), ("--stack-option", args.stack_option), ("--underlay", args.underlay),
                     ("--expunge", args.expunge))
     for flag, values in (selection if with_selection else ()) + stack_choice:
         for value in values:
@@ -182,6 +189,10 @@ def run(args):
         raise UsageError("must be run as root (it mounts filesystems and attaches loop devices)")
     if args.self_test:
         self_test(args)
+    try:
+        command_stacks.define_all(args.stack_command, args.stack_config)
+    except command_stacks.TemplateError as e:
+        raise UsageError(str(e)) from None
     try:
         stacks.select(args.stack)
     except KeyError as e:

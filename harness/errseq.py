@@ -10,7 +10,6 @@ listed one is held to the newest rules, which is upstream's current state.
 """
 
 import errno
-import fnmatch
 import os
 from dataclasses import dataclass
 
@@ -21,7 +20,7 @@ from harness.steps import StepFailed, expect_errno, log, step
 @dataclass(frozen=True)
 class Promise:
     rule: str             # "fsync", "syncfs", "volatile"
-    stacks: str           # glob over stack variants; the first matching promise wins
+    stacks: str           # glob over stack variants, or a kind (stacks.matches); the first match wins
     since: tuple | None   # first release keeping it; None: no release is known to
     says: str
     source: str
@@ -41,7 +40,7 @@ PROMISES = (
             f"the goal of {THREAD}",
             gap="ovl_sync_fs syncs the upper filesystem but never checks its writeback errseq, so the "
                 "overlay's own superblock records no error"),
-    Promise("syncfs", "fuse-*", None,
+    Promise("syncfs", "fuse", None,
             "syncfs through a FUSE stack reports the backing filesystem's writeback error once to each fd",
             f"what {THREAD} asks of every stack",
             gap="the kernel sends syncfs to a FUSE server only for virtiofs (FUSE_SYNCFS, 5.15: fc->sync_fs), "
@@ -71,8 +70,9 @@ class Expectation:
 
 
 def promise(rule, variant):
+    from harness import stacks  # late: the stacks' modules import the harness's steps
     for p in PROMISES:
-        if p.rule == rule and fnmatch.fnmatchcase(variant, p.stacks):
+        if p.rule == rule and stacks.matches(p.stacks, variant):
             return p
     raise KeyError(f"no promise for {rule} on {variant}")
 

@@ -36,7 +36,8 @@ class Entry:
     where: str
 
     def matches(self, case_id, variant, fstype, release):
-        return (fnmatch.fnmatchcase(case_id, self.case) and fnmatch.fnmatchcase(variant, self.stack)
+        from harness import stacks  # late: expunge lists are read before any stack is needed
+        return (fnmatch.fnmatchcase(case_id, self.case) and stacks.matches(self.stack, variant)
                 and fnmatch.fnmatchcase(fstype, self.underlay)
                 and all(_OPS[op](kernel_version(release), version) for op, version in self.kernel))
 

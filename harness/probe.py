@@ -18,8 +18,8 @@ from harness import container, mounts, scratch, syscalls
 from harness.rundir import TAG
 
 TOOLS = ("mkfs.ext4", "mkfs.xfs", "mkfs.btrfs", "losetup", "dmsetup", "fusermount3",
-         "setfacl", "getfacl", "emacs", "vim.nox", "brz", "git", "sed", "rsync", "fuse-overlayfs",
-         "bindfs", "qemu-system-x86_64")
+         "setfacl", "getfacl", "emacs", "vim.nox", "brz", "git", "sed", "rsync",
+         "qemu-system-x86_64")
 
 OVERLAY_OPTIONS = {
     "volatile": "volatile",
@@ -228,7 +228,9 @@ def run_probe(workdir, filesystems=scratch.UNDERLAY_FILESYSTEMS):
     with open("/proc/filesystems") as f:
         fs_list = sorted({line.split()[-1] for line in f if line.strip()})
     probe = Probe(platform.release(), fs_list)
-    probe.tools = {tool: shutil.which(tool) for tool in TOOLS}
+    from harness import stacks  # late: stacks import the probe's neighbours
+    stack_programs = [c for v in stacks.variants() for c in stacks.stack_class(v).commands(v)]
+    probe.tools = {tool: shutil.which(tool) for tool in (*TOOLS, *stack_programs)}
     probe.set("root", os.geteuid() == 0, "" if os.geteuid() == 0 else "not running as root")
     _probe_devices(probe)
     _probe_pyfuse3(probe)

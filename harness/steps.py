@@ -40,12 +40,14 @@ def expect_errno(expected, description, fn, *args, **kwargs):
     """Call fn(*args, **kwargs) and require that it fails with errno `expected`."""
     log(f"{description} (expect {errname(expected)})")
     try:
-        fn(*args, **kwargs)
+        result = fn(*args, **kwargs)
     except OSError as e:
         if e.errno != expected:
             raise StepFailed(f"{description}: expected {errname(expected)}, "
                              f"got {errname(e.errno)} ({e.strerror})") from None
         return
+    if fn is os.open:  # an fd left open would keep a FUSE mount busy past its unmount
+        os.close(result)
     raise StepFailed(f"{description}: expected {errname(expected)}, got success")
 
 

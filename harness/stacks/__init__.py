@@ -41,7 +41,15 @@ def unavailable(variant, fstype, probe):
     from harness import scratch
     from harness.needs import Needs
     return (scratch.unavailable(fstype, probe)
-            or Needs(features=stack_class(variant).features(variant)).unmet(probe, fstype))
+            or Needs(features=stack_class(variant).features(variant),
+                     commands=stack_class(variant).commands(variant)).unmet(probe, fstype))
+
+
+def matches(pattern, variant):
+    """Whether pattern names variant: a glob over variant names, or a kind
+    ("fuse": every FUSE stack, the bundled one, bindfs and command templates alike)."""
+    cls = _VARIANTS.get(variant)
+    return fnmatch.fnmatchcase(variant, pattern) or (cls is not None and cls.kind == pattern)
 
 
 def select(names):
@@ -59,4 +67,4 @@ def select(names):
 
 _load()
 
-__all__ = ["Stack", "register", "variants", "stack_class", "select", "unavailable"]
+__all__ = ["Stack", "register", "variants", "stack_class", "select", "matches", "unavailable"]

@@ -40,6 +40,16 @@ class Stack:
         return ()
 
     @classmethod
+    def commands(cls, variant):
+        """Programs the variant runs: one missing from PATH makes its cases not run."""
+        return ()
+
+    @classmethod
+    def version(cls):
+        """The stack program's version, for the results ("" for the kernel's own)."""
+        return ""
+
+    @classmethod
     def variant_traits(cls, variant):
         """The kind's traits and the variant's own (settings["traits"])."""
         return cls.traits | frozenset(cls.variants[variant].get("traits", ()))
@@ -60,6 +70,12 @@ class Stack:
             self._unmount()
             self.mounted = False
             log.info("unmounted %s", self.variant)
+
+    def remount(self):
+        """Unmount the stack and mount it again on the same underlay: it then shows
+        the layers as they are now, without relying on changes made while mounted."""
+        self.unmount()
+        self.mount()
 
     def cycle(self):
         """Unmount the stack and its underlay, then mount both again: what is
@@ -149,6 +165,7 @@ class DaemonStack(Stack):
     foreground, waited for, stopped by unmount; a crash fails the case."""
 
     daemon = None
+    daemon_ready = "fd"  # how the daemon says it is mounted: --ready-fd, or "mount" (watch the table)
 
     def daemon_argv(self):
         raise NotImplementedError
@@ -162,7 +179,7 @@ class DaemonStack(Stack):
         self._make_dirs()
         argv = self.daemon_argv()
         log.info("%s: %s", self.variant, " ".join(argv))
-        self.daemon = FuseDaemon(argv, self.mountpoint, self.workdir, self.variant)
+        self.daemon = FuseDaemon(argv, self.mountpoint, self.workdir, self.variant, ready=self.daemon_ready)
         self.daemon.start()
         self.mounted = True
 

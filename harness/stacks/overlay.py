@@ -1,6 +1,8 @@
 """Kernel overlayfs (Documentation/filesystems/overlayfs.rst): lower, upper, work."""
 
 import logging
+import os
+import shutil
 
 from harness import syscalls
 from harness.rundir import TAG
@@ -28,6 +30,12 @@ class Overlay(LayeredStack):
     @classmethod
     def features(cls, variant):
         return ("overlay@{fs}",) + cls.variants[variant]["features"]
+
+    def remount(self):
+        self.unmount()
+        # A volatile overlay marks its workdir dirty until this is removed (overlayfs.rst, Volatile mount).
+        shutil.rmtree(os.path.join(self.work, "work", "incompat", "volatile"), ignore_errors=True)
+        self.mount()
 
     def mount(self):
         self._make_dirs()
