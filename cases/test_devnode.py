@@ -11,7 +11,7 @@ import os
 import socket
 import stat
 
-from fixtures import Bug, case, check, step
+from fixtures import Bug, Repro, case, check, step
 
 LP1860041 = Bug("shiftfs: fstat of an unlinked device node fails",
                 lp=1860041, link="https://bugs.launchpad.net/bugs/1860041")
@@ -60,6 +60,31 @@ def _open_unlink_stat(root, name, flags, expect_type, expect_rdev):
     return fd
 
 
+MAKE_NODE = {  # as host root: on the underlay for a container (a user namespace may not mknod)
+    "null": 'os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(1, 3))',
+    "fifo": "os.mkfifo(path, 0o666)",
+    "sock": "socket.socket(socket.AF_UNIX).bind(path)",
+    "loop": "os.mknod(path, 0o600 | stat.S_IFBLK, os.makedev(7, 0))",
+}
+
+
+def _repro(*nodes):
+    """S2 outside stackcheck: each node opened, unlinked, then fstat through its fd."""
+    lines = ["def fstat_unlinked(name, flags):",
+             "    fd = os.open(os.path.join(MNT, name), flags)",
+             "    os.unlink(os.path.join(MNT, name))",
+             "    yield attempt(lambda: (stat.filemode(os.fstat(fd).st_mode)[0], os.fstat(fd).st_nlink))",
+             ""]
+    for name, flags, kind in nodes:
+        lines += [f"path = os.path.join(HOST if SHIFT else MNT, {name!r})",
+                  MAKE_NODE[name], "os.chmod(path, 0o666)",
+                  f"user = in_container(fstat_unlinked, {name!r}, {flags})",
+                  f"show('fstat(fd) of the unlinked {name}: (type, nlink)', user.next(), ({kind!r}, 0))",
+                  "user.close()"]
+    return Repro("fstat(fd) of an open device node, FIFO or socket works after it is unlinked, "
+                 "giving its type and nlink 0 (LP#1860041)", "\n".join(lines))
+
+
 def _char_device(root):
     fd = _open_unlink_stat(root, "null", os.O_RDWR, stat.S_IFCHR, DEV_NULL)
     with step("S2 write to the unlinked char device"):
@@ -71,7 +96,7 @@ def _char_device(root):
 
 
 @case("stack/005", "fstat an unlinked character device (1:3) through the stack; it still works as /dev/null",
-      GROUPS, bug=LP1860041)
+      GROUPS, bug=LP1860041, repro=_repro(("null", "os.O_RDWR", "c")))
 def test_unlinked_char_device(stack):
     _make_nodes(stack, {"null": "chardev"})
     stack.run(_char_device, stack.path())
@@ -87,7 +112,7 @@ def _fifo(root):
 
 
 @case("stack/006", "fstat an unlinked FIFO through the stack; it still carries data",
-      GROUPS, bug=LP1860041)
+      GROUPS, bug=LP1860041, repro=_repro(("fifo", "os.O_RDWR | os.O_NONBLOCK", "p")))
 def test_unlinked_fifo(stack):
     _make_nodes(stack, {"fifo": "fifo"})
     stack.run(_fifo, stack.path())
@@ -99,7 +124,7 @@ def _socket_and_block_device(root):
 
 
 @case("stack/007", "fstat an unlinked unix socket and block device (O_PATH fds) through the stack",
-      GROUPS, bug=LP1860041)
+      GROUPS, bug=LP1860041, repro=_repro(("sock", "os.O_PATH", "s"), ("loop", "os.O_PATH", "b")))
 def test_unlinked_socket_and_block_device(stack):
     _make_nodes(stack, {"sock": "socket", "loop": "blockdev"})
     stack.run(_socket_and_block_device, stack.path())

@@ -95,9 +95,16 @@ class FuseDaemon:
         except BaseException:
             self.stop()
             raise
+        if self.proc.poll() == 0 and mounts.is_mountpoint(self.mountpoint):
+            self.stop()
+            raise DaemonFailed(self._went_to_background())
         if not ok or not mounts.is_mountpoint(self.mountpoint):
             self.stop()
             raise DaemonFailed(f"{self.name} did not mount {self.mountpoint}; its log:\n{self.log_text()}")
+
+    def _went_to_background(self):
+        return (f"{self.name} exited with status 0 and left its mount served by a background process: "
+                "the daemon must stay in the foreground (for most FUSE programs: -f)")
 
     def stop(self):
         """Unmount and end the daemon; returns a problem to report, or None."""
@@ -105,7 +112,9 @@ class FuseDaemon:
             return None
         died_early = self.proc.poll() is not None
         problem = None
-        if died_early:
+        if died_early and self.proc.returncode == 0 and mounts.is_mountpoint(self.mountpoint):
+            problem = self._went_to_background()
+        elif died_early:
             problem = (f"{self.name} died during the case (exit status {self.proc.returncode}); "
                        f"its log:\n{self.log_text()}")
         ours = [m for m in mounts.table() if m.mountpoint == self.mountpoint

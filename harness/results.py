@@ -34,6 +34,7 @@ class CaseResult:
     full: str = ""        # the case's log
     out_bad: str = ""     # failure details
     dmesg: str = ""       # kernel log during the case
+    repro: str = ""       # a failure's reproduction script (harness/repro.py)
     properties: dict = field(default_factory=dict)
 
     @property
@@ -86,7 +87,7 @@ class Results:
         os.makedirs(os.path.dirname(self.path(result, ".full")), exist_ok=True)
         with open(self.path(result, ".full"), "w") as f:
             f.write(result.full)
-        for suffix, text in ((".out.bad", result.out_bad), (".dmesg", result.dmesg)):
+        for suffix, text in ((".out.bad", result.out_bad), (".dmesg", result.dmesg), (".repro.py", result.repro)):
             path = self.path(result, suffix)
             if result.outcome == FAIL and text:
                 with open(path, "w") as f:

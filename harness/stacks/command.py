@@ -89,6 +89,19 @@ class CommandStack(base.DaemonStack):
             values.update(lower=self.lower, upper=self.upper, work=self.work)
         return values
 
+    def reproduction_command(self):
+        """The command's words with every placeholder filled but the directories
+        ({source}, {lower}, ... {mountpoint}), which a reproduction makes anew."""
+        keep = {name: "{" + name + "}" for name in ("source", "lower", "upper", "work", "mountpoint")}
+        values = {**self.placeholders(), **keep}
+        return [word.format(**values) for word in shlex.split(self.template)]
+
+    def reproduction_dirs(self):
+        """The directories a reproduction makes, and the one the host edits in."""
+        if isinstance(self, base.ShiftingStack):
+            return ("source", "mnt"), "source"
+        return ("lower", "upper", "work", "mnt"), "lower"
+
     def daemon_argv(self):
         # Filled in word by word: a path with spaces stays one argument.
         values = self.placeholders()
