@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from fixtures import Bug, case, check, expect_errno, linkat_follow, step
+from fixtures import Repro, Bug, case, check, expect_errno, linkat_follow, step
 
 LP1872757 = Bug("shiftfs: reopening an unlinked file through /proc/<pid>/fd fails with ESTALE",
                 lp=1872757, link="https://bugs.launchpad.net/bugs/1872757")
@@ -20,6 +20,32 @@ GROUPS = ("auto", "quick", "procfd")
 DATA = b"stackcheck S1: written before unlink\n"
 REOPEN_MODES = (("O_RDONLY", os.O_RDONLY), ("O_RDWR", os.O_RDWR),
                 ("O_WRONLY|O_APPEND", os.O_WRONLY | os.O_APPEND))
+
+
+UNLINKED_REOPEN = """
+def unlinked(name):
+    path = os.path.join(MNT, name)
+    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+    os.write(fd, b"written before unlink\\n")
+    os.unlink(path)
+    yield os.getpid(), fd
+
+
+def reopen(pid, fd):
+    seen = {}
+    for mode, flags in (("O_RDONLY", os.O_RDONLY), ("O_RDWR", os.O_RDWR),
+                        ("O_WRONLY|O_APPEND", os.O_WRONLY | os.O_APPEND)):
+        again = attempt(lambda: os.open(f"/proc/{pid}/fd/{fd}", flags))
+        seen[f"open /proc/{'self' if pid == os.getpid() else 'PID'}/fd/N {mode}"] = again if isinstance(again, str) else "ok"
+        if not isinstance(again, str):
+            seen[f"nlink through the {mode} fd"] = os.fstat(again).st_nlink
+    yield seen
+
+
+def judge(seen):
+    for what, got in seen.items():
+        show(what, got, 0 if what.startswith("nlink") else "ok")
+"""
 
 
 def _create_and_unlink(root, name="F"):
@@ -76,7 +102,16 @@ def _reopen_in_this_process(root):
 
 
 @case("stack/001", "Reopen an unlinked file through /proc/self/fd in every open mode",
-      GROUPS, bug=LP1872757)
+      GROUPS, bug=LP1872757, repro=Repro(
+          "an unlinked file held open reopens through /proc/self/fd in every mode, and every fd shows nlink 0",
+          UNLINKED_REOPEN + """
+def both(name):
+    pid, fd = next(unlinked(name))
+    yield from reopen(pid, fd)
+user = in_container(both, "F")
+judge(user.next())
+user.close()
+"""))
 def test_reopen_unlinked_through_proc_self_fd(stack):
     stack.run(_reopen_in_this_process, stack.path())
 
@@ -103,7 +138,17 @@ def _reopen_from_another_process(channel, root):
 
 
 @case("stack/002", "Reopen an unlinked file through /proc/<pid>/fd from a second process",
-      GROUPS, bug=LP1872757)
+      GROUPS, bug=LP1872757, repro=Repro(
+          "another process of the same container reopens an unlinked file through /proc/<pid>/fd in every "
+          "mode, and every fd shows nlink 0",
+          UNLINKED_REOPEN + """
+first = in_container(unlinked, "F")
+pid, fd = first.next()
+second = in_container(reopen, pid, fd, beside=first)
+judge(second.next())
+second.close()
+first.close()
+"""))
 def test_reopen_unlinked_from_second_process(stack):
     first = stack.start(_reopen_from_another_process, stack.path())
     try:
@@ -168,6 +213,21 @@ def _removed_directory(root):
 
 
 @case("stack/004", "A removed directory held open: fstat works, creating under it fails with ENOENT",
-      GROUPS, bug=LP1872757)
+      GROUPS, bug=LP1872757, repro=Repro(
+          "fstat of a removed directory held open works, and creating a file under it fails with ENOENT",
+          """
+def removed():
+    path = os.path.join(MNT, "D")
+    os.mkdir(path)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    os.rmdir(path)
+    yield {"fstat of the removed directory": attempt(lambda: "ok" if os.fstat(fd).st_ino else "inode 0"),
+           "create X under it": attempt(lambda: os.open("X", os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd) and "created")}
+user = in_container(removed)
+seen = user.next()
+show("fstat of the removed directory", seen["fstat of the removed directory"], "ok")
+show("create X under it", seen["create X under it"], "ENOENT")
+user.close()
+"""))
 def test_removed_directory_held_open(stack):
     stack.run(_removed_directory, stack.path())

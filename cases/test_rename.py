@@ -8,10 +8,11 @@ does the same with the real programs.
 """
 
 import errno
+import inspect
 import os
 import shutil
 
-from fixtures import Bug, case, check, errname, layers_laid_out, step
+from fixtures import Bug, Repro, case, check, errname, layers_laid_out, step
 from fixtures.rename_over import attempt, judge, md5, read_md5 as _read, replace_under_stack, \
     size_and_mtime as _stat
 
@@ -56,30 +57,83 @@ def save_unlink_create(path):
         f.write(CONTENT_B)
 
 
+S3_RULE = ("a file the host replaces on the underlay reads with its new content, size and mtime through the "
+           "stack at once (by path and from a cwd in its directory); an fd opened before keeps the old "
+           "inode's content if the save made a new inode, else reads the new content")
+
+
+def s3_repro(save, new_inode):
+    """S3 outside stackcheck: a warm reader, the host's save (its very code), the reader again."""
+    return Repro(S3_RULE, f"""
+OLD, NEW = {CONTENT_A!r}, {CONTENT_B!r}
+CONTENT_B = NEW
+VARIANTS = ("read", "fd", "cwd")  # F kept warm by a read and a stat; also an fd held open; also a cwd there
+for variant in VARIANTS:
+    os.makedirs(os.path.join(HOST, "d-" + variant))
+    with open(os.path.join(HOST, "d-" + variant, "F"), "wb") as f:
+        f.write(OLD)
+
+
+def reader():
+    for variant in VARIANTS:
+        path = os.path.join(MNT, "d-" + variant, "F")
+        md5(path)
+        os.stat(path)
+        if variant == "fd":
+            held = os.open(path, os.O_RDONLY)
+        if variant == "cwd":
+            os.chdir(os.path.dirname(path))
+    yield "warm"
+    seen = {{}}
+    for variant in VARIANTS:
+        path = "F" if variant == "cwd" else os.path.join(MNT, "d-" + variant, "F")
+        seen[variant + ": md5 of F"] = attempt(lambda: md5(path))
+        seen[variant + ": size of F"] = attempt(lambda: os.stat(path).st_size)
+    seen["fd: md5 through the fd opened before"] = hashlib.md5(os.pread(held, 1 << 20, 0)).hexdigest()
+    yield seen
+
+
+{inspect.getsource(save).strip()}
+
+
+user = in_container(reader)
+user.next()
+for variant in VARIANTS:  # the host's save, on the underlay
+    {save.__name__}(os.path.join(HOST, "d-" + variant, "F"))
+seen = user.next()
+new_md5, old_md5 = hashlib.md5(NEW).hexdigest(), hashlib.md5(OLD).hexdigest()
+for variant in VARIANTS:
+    show(variant + ": md5 of F", seen[variant + ": md5 of F"], new_md5)
+    show(variant + ": size of F", seen[variant + ": size of F"], len(NEW))
+show("fd: md5 through the fd opened before", seen["fd: md5 through the fd opened before"], {"old_md5" if new_inode else "new_md5"})
+user.close()
+""")
+
+
 def rename_over_case(stack, save):
     replace_under_stack(stack, save, save.__doc__.split(" (")[0], CONTENT_A)
 
 
 @case("stack/010", "Host replaces a file by write-temp + fsync + rename (brz revert, git); the stack sees it",
-      GROUPS, bug=LP1879196)
+      GROUPS, bug=LP1879196, repro=s3_repro(save_tmp_rename, new_inode=True))
 def test_tmp_rename_over(stack):
     rename_over_case(stack, save_tmp_rename)
 
 
 @case("stack/011", "Host renames F to F~ and writes a new F (emacs' default save); the stack sees both",
-      GROUPS, bug=LP1879196)
+      GROUPS, bug=LP1879196, repro=s3_repro(save_backup_rename, new_inode=True))
 def test_backup_by_rename(stack):
     rename_over_case(stack, save_backup_rename)
 
 
 @case("stack/012", "Host copies F to F~ and rewrites F in place (backup-by-copying, the control)",
-      GROUPS, bug=LP1879196)
+      GROUPS, bug=LP1879196, repro=s3_repro(save_copy_in_place, new_inode=False))
 def test_copy_and_rewrite_in_place(stack):
     rename_over_case(stack, save_copy_in_place)
 
 
 @case("stack/013", "Host unlinks F and creates it again; the stack sees the new file",
-      GROUPS, bug=LP1879196)
+      GROUPS, bug=LP1879196, repro=s3_repro(save_unlink_create, new_inode=True))
 def test_unlink_and_create(stack):
     rename_over_case(stack, save_unlink_create)
 
@@ -110,7 +164,29 @@ def _judge_presence(stack, seen, expected, what):
 
 
 @case("stack/014", "Names created and removed on the underlay show through the stack at once (negative dentries)",
-      GROUPS, bug=LP1879196)
+      GROUPS, bug=LP1879196, repro=Repro(
+          "a name the host creates on the underlay is found through the stack at once, and a name it removes "
+          "is gone at once (ENOENT), even after the stack was asked for both", """
+with open(os.path.join(HOST, "H"), "wb") as f:
+    f.write(b"H, made by the host")
+
+
+def reader():
+    os.stat(os.path.join(MNT, "H"))
+    yield attempt(lambda: os.stat(os.path.join(MNT, "G")) and "exists")  # G does not exist yet
+    yield {name: attempt(lambda: os.stat(os.path.join(MNT, name)) and "exists") for name in ("G", "H")}
+
+
+user = in_container(reader)
+show("stat G before the host makes it", user.next(), "ENOENT")
+with open(os.path.join(HOST, "G"), "wb") as f:  # the host, on the underlay
+    f.write(b"G, made by the host")
+os.unlink(os.path.join(HOST, "H"))
+seen = user.next()
+show("stat G (created on the underlay)", seen["G"], "exists")
+show("stat H (removed on the underlay)", seen["H"], "ENOENT")
+user.close()
+"""))
 def test_negative_entries(stack):
     with open(stack.host_path("H"), "wb") as f:
         f.write(CONTENT_A)
@@ -143,7 +219,30 @@ def _dir_rename_reader(channel, root):
 
 
 @case("stack/015", "A directory renamed on the underlay is found under its new name through the stack",
-      GROUPS, bug=LP1879196)
+      GROUPS, bug=LP1879196, repro=Repro(
+          "a directory the host renames on the underlay is found under its new name through the stack at "
+          "once, and its old name is gone (ENOENT)", """
+os.makedirs(os.path.join(HOST, "D"))
+with open(os.path.join(HOST, "D", "F"), "wb") as f:
+    f.write(b"F in D")
+
+
+def reader():
+    os.stat(os.path.join(MNT, "D"))
+    md5(os.path.join(MNT, "D", "F"))
+    yield "warm"
+    yield {"read E/F": attempt(lambda: md5(os.path.join(MNT, "E", "F"))),
+           "stat D": attempt(lambda: os.stat(os.path.join(MNT, "D")) and "exists")}
+
+
+user = in_container(reader)
+user.next()
+os.rename(os.path.join(HOST, "D"), os.path.join(HOST, "E"))  # the host, on the underlay
+seen = user.next()
+show("read E/F (the renamed directory)", seen["read E/F"], hashlib.md5(b"F in D").hexdigest())
+show("stat D (the old name)", seen["stat D"], "ENOENT")
+user.close()
+"""))
 def test_directory_renamed_on_underlay(stack):
     os.makedirs(stack.host_path("D"))
     with open(stack.host_path("D", "F"), "wb") as f:

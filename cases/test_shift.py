@@ -11,7 +11,7 @@ import os
 import stat
 import struct
 
-from fixtures import OVERFLOW_ID, Bug, Needs, case, check, expect_errno, step
+from fixtures import OVERFLOW_ID, Bug, Needs, Repro, case, check, expect_errno, step
 
 SHIFT = Bug("shifted mounts: container ids must equal on-disk ids (shiftfs, idmapped mounts)",
             link="https://docs.kernel.org/filesystems/idmappings.html")
@@ -108,8 +108,25 @@ def test_host_owned_files_seen_from_container(stack):
           f"got {owners['u70000']}")
 
 
+UNMAPPED_REPRO = Repro(
+    "a caller whose ids the stack cannot map (host root: the container's map is 100000..165535) cannot "
+    "create or chown through it: EOVERFLOW, as idmapped mounts and shiftfs refuse "
+    "(Documentation/filesystems/idmappings.rst)", """
+with open(os.path.join(HOST, "existing"), "w") as f:
+    f.write("host file")
+for what, call in (("create a file", lambda: os.close(os.open(os.path.join(MNT, "new"), os.O_CREAT | os.O_WRONLY, 0o644))),
+                   ("mkdir", lambda: os.mkdir(os.path.join(MNT, "newdir"))),
+                   ("chown a file to 0:0", lambda: os.chown(os.path.join(MNT, "existing"), 0, 0))):
+    show("host root: " + what + " through the stack", attempt(call) or "success", "EOVERFLOW")
+for name in ("new", "newdir"):
+    if os.path.exists(os.path.join(HOST, name)):
+        st = os.stat(os.path.join(HOST, name))
+        print(f"      {name} on the underlay is owned by {st.st_uid}:{st.st_gid}, which the container sees as its root")
+""")
+
+
 @case("stack/022", "Host root, whose ids the stack cannot map, gets EOVERFLOW creating or chowning through it",
-      GROUPS, bug=SHIFT, needs=NEEDS)
+      GROUPS, bug=SHIFT, needs=NEEDS, repro=UNMAPPED_REPRO)
 def test_unmapped_host_root_gets_eoverflow(stack):
     with open(stack.host_path("existing"), "w") as f:
         f.write("host file")

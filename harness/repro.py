@@ -13,10 +13,11 @@ Names a steps() body can use:
     show(what, got, want)   print one observation, marked DIFF when it is not `want`
     attempt(fn)      fn()'s result, or the errno's name ("ENOENT") if it failed
     md5(path)        the md5 of a file's content
-    in_container(gen, *args)   run the generator gen(*args) as the stack's user (the
-                     container's root, host uid 100000, on a shifting stack; host root
-                     otherwise) in a process of its own; returns a handle whose
-                     next() resumes it up to its next yield and returns what it yielded
+    in_container(gen, *args, beside=None)   run the generator gen(*args) as the stack's
+                     user (the container's root, host uid 100000, on a shifting stack;
+                     host root otherwise) in a process of its own (beside=another one:
+                     in the same container); returns a handle whose next() resumes it up
+                     to its next yield and returns what it yielded (plain values)
 """
 
 import textwrap
@@ -43,7 +44,7 @@ It mounts {stack} on a new scratch directory with the command stackcheck ran
 runs the steps, prints what each one saw beside what a correct stack returns,
 and unmounts.  Made by stackcheck (./check --stack {stack} {case_id}).
 """
-import ast, ctypes, errno, hashlib, os, select, socket, stat, subprocess, sys, tempfile, traceback
+import ast, ctypes, errno, hashlib, os, select, shutil, socket, stat, subprocess, sys, tempfile, traceback
 
 SCRATCH = tempfile.mkdtemp(prefix="repro-")
 os.chmod(SCRATCH, 0o755)  # the container's root must reach the mount
@@ -78,7 +79,7 @@ def md5(path):
 
 
 class in_container:
-    def __init__(self, gen, *args):
+    def __init__(self, gen, *args, beside=None):  # beside: another in_container, whose namespace to join
         self.up_r, up_w = os.pipe()
         go_r, self.go_w = os.pipe()
         self.pid = os.fork()
@@ -87,7 +88,10 @@ class in_container:
             try:
                 os.close(self.up_r)
                 os.close(self.go_w)
-                if SHIFT and libc.unshare(0x10000000) != 0:  # CLONE_NEWUSER
+                if SHIFT and beside is not None:
+                    if libc.setns(os.open(f"/proc/{{beside.pid}}/ns/user", os.O_RDONLY), 0x10000000) != 0:
+                        raise OSError(ctypes.get_errno(), "setns(CLONE_NEWUSER)")
+                elif SHIFT and libc.unshare(0x10000000) != 0:  # CLONE_NEWUSER
                     raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUSER)")
                 os.write(up_w, b"u")  # unshared: now the parent writes the id maps
                 os.read(go_r, 1)
@@ -108,7 +112,7 @@ class in_container:
         os.close(up_w)
         os.close(go_r)
         os.read(self.up_r, 1)
-        if SHIFT:
+        if SHIFT and beside is None:
             for name in ("uid_map", "gid_map"):
                 with open(f"/proc/{{self.pid}}/{{name}}", "w") as f:
                     f.write("0 100000 65536\\n")

@@ -10,8 +10,7 @@ from harness.stacks.command import CommandStack
 @register
 class FuseOverlayfs(CommandStack, LayeredStack):
     variants = {"fuse-overlayfs": {}}
-    template = ("fuse-overlayfs -f -o dev,lowerdir={lower},upperdir={upper},workdir={work},fsname={fsname} "
-                "{mountpoint}")
+    template = "fuse-overlayfs -f -o dev,lowerdir={lower},upperdir={upper},workdir={work} {mountpoint}"
     underlay_changes_undefined = (
         "fuse-overlayfs implements overlayfs, which leaves changes to its layers while mounted undefined "
         "(Documentation/filesystems/overlayfs.rst); its maintainer: \"the assumption done by overlay is that "
