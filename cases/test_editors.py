@@ -37,7 +37,7 @@ import os
 import shutil
 
 from fixtures import Bug, Needs, case, check, log, step
-from fixtures.rename_over import replace_under_stack
+from fixtures.rename_over import rename_over_repro, replace_under_stack
 from harness import clients
 
 LP1879196 = Bug("shiftfs: a file edited on the host with emacs or bzr revert keeps its old content in the container",
@@ -127,6 +127,44 @@ def container_edit_case(stack, name, style):
               f"uid/gid {st.st_uid}/{st.st_gid}, expected {owner}/{owner}")
 
 
+def host_edit_repro(name, style):
+    """S3 with this client outside stackcheck: its prepare and save steps, run with
+    the same clean environment (for a terminal style, the same save without one)."""
+    client = clients.client(name)
+    new = new_content(name, style)
+
+    def plain(steps):
+        return [("write", s.path, s.data) if isinstance(s, clients.Write) else ("run", list(s.argv)) for s in steps]
+    code = f"""
+# {name} ({style}): {client.styles[style]}
+HOME_DIR = os.path.join(SCRATCH, "home")
+os.makedirs(HOME_DIR, exist_ok=True)
+ENV = {{k: v.replace("{{home}}", HOME_DIR) for k, v in {clients.Session("{home}").env(client.env)!r}.items()}}
+PREPARE = {plain(client.prepare_steps("F", OLD, new))!r}
+SAVE = {plain(client.save_steps("F", new, style))!r}
+
+
+def run_steps(directory, steps):
+    for kind, what, *data in steps:
+        if kind == "write":
+            with open(os.path.join(directory, what.replace("{{home}}", HOME_DIR)), "wb") as f:
+                f.write(data[0])
+        else:
+            subprocess.run([w.replace("{{home}}", HOME_DIR) for w in what], cwd=directory, env=ENV, check=True,
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+
+
+def prepare(path):
+    run_steps(os.path.dirname(path), PREPARE)
+
+
+def save(path):
+    run_steps(os.path.dirname(path), SAVE)
+"""
+    prepare_code, save_code = code.split("\n\n\ndef save(path):")
+    return rename_over_repro(OLD, new, style not in client.in_place, "def save(path):" + save_code, prepare_code)
+
+
 def _declare(case_id, name, style, groups, body, title):
     cls = clients.clients()[name]
 
@@ -134,8 +172,9 @@ def _declare(case_id, name, style, groups, body, title):
         body(stack, name, style)
     test.__name__ = f"test_{body.__name__}_{name}_{style}".replace("-", "_")
     test.__doc__ = cls.styles[style]
+    repro = host_edit_repro(name, style) if body is host_edit_case else None
     globals()[test.__name__] = case(case_id, title, groups, bug=LP1879196,
-                                    needs=Needs(commands=(cls.command,)))(test)
+                                    needs=Needs(commands=(cls.command,)), repro=repro)(test)
 
 
 for _id, (_name, _style, _groups) in HOST_EDITS.items():

@@ -13,7 +13,7 @@ import os
 import shutil
 
 from fixtures import Bug, Repro, case, check, errname, layers_laid_out, step
-from fixtures.rename_over import attempt, judge, md5, read_md5 as _read, replace_under_stack, \
+from fixtures.rename_over import attempt, judge, md5, read_md5 as _read, rename_over_repro, replace_under_stack, \
     size_and_mtime as _stat
 
 LP1879196 = Bug("shiftfs: a file replaced on the host by rename keeps its old content in the container",
@@ -57,57 +57,10 @@ def save_unlink_create(path):
         f.write(CONTENT_B)
 
 
-S3_RULE = ("a file the host replaces on the underlay reads with its new content, size and mtime through the "
-           "stack at once (by path and from a cwd in its directory); an fd opened before keeps the old "
-           "inode's content if the save made a new inode, else reads the new content")
-
-
 def s3_repro(save, new_inode):
-    """S3 outside stackcheck: a warm reader, the host's save (its very code), the reader again."""
-    return Repro(S3_RULE, f"""
-OLD, NEW = {CONTENT_A!r}, {CONTENT_B!r}
-CONTENT_B = NEW
-VARIANTS = ("read", "fd", "cwd")  # F kept warm by a read and a stat; also an fd held open; also a cwd there
-for variant in VARIANTS:
-    os.makedirs(os.path.join(HOST, "d-" + variant))
-    with open(os.path.join(HOST, "d-" + variant, "F"), "wb") as f:
-        f.write(OLD)
-
-
-def reader():
-    for variant in VARIANTS:
-        path = os.path.join(MNT, "d-" + variant, "F")
-        md5(path)
-        os.stat(path)
-        if variant == "fd":
-            held = os.open(path, os.O_RDONLY)
-        if variant == "cwd":
-            os.chdir(os.path.dirname(path))
-    yield "warm"
-    seen = {{}}
-    for variant in VARIANTS:
-        path = "F" if variant == "cwd" else os.path.join(MNT, "d-" + variant, "F")
-        seen[variant + ": md5 of F"] = attempt(lambda: md5(path))
-        seen[variant + ": size of F"] = attempt(lambda: os.stat(path).st_size)
-    seen["fd: md5 through the fd opened before"] = hashlib.md5(os.pread(held, 1 << 20, 0)).hexdigest()
-    yield seen
-
-
-{inspect.getsource(save).strip()}
-
-
-user = in_container(reader)
-user.next()
-for variant in VARIANTS:  # the host's save, on the underlay
-    {save.__name__}(os.path.join(HOST, "d-" + variant, "F"))
-seen = user.next()
-new_md5, old_md5 = hashlib.md5(NEW).hexdigest(), hashlib.md5(OLD).hexdigest()
-for variant in VARIANTS:
-    show(variant + ": md5 of F", seen[variant + ": md5 of F"], new_md5)
-    show(variant + ": size of F", seen[variant + ": size of F"], len(NEW))
-show("fd: md5 through the fd opened before", seen["fd: md5 through the fd opened before"], {"old_md5" if new_inode else "new_md5"})
-user.close()
-""")
+    """S3 outside stackcheck, with the host's save as its very code."""
+    return rename_over_repro(CONTENT_A, CONTENT_B, new_inode,
+                             f"CONTENT_B = NEW\n\n\n{inspect.getsource(save).strip()}\n\n\nsave = {save.__name__}\n")
 
 
 def rename_over_case(stack, save):

@@ -44,3 +44,25 @@ def test_a_client_saves_as_its_style_says(tmp_path, name, style):
     assert clients.leftover_processes() == []
     # no lock, auto-save or temporary file left beside F (a repository's metadata is expected)
     assert set(os.listdir(work)) - {".git", ".bzr"} == {"F"} | ({backup} if backup else set())
+
+
+@pytest.mark.parametrize("name,style", STYLES, ids=[f"{n}-{s}" for n, s in STYLES])
+def test_the_steps_a_reproduction_runs_save_as_the_style_does(tmp_path, name, style):
+    """Reproductions run save_steps(): for a terminal style, the same save without
+    a terminal.  It must keep or replace F's inode exactly as the style does."""
+    client = clients.client(name)
+    if client.unavailable():
+        pytest.skip(client.unavailable())
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir()
+    work.mkdir()
+    session = clients.Session(str(home))
+    client.do(client.prepare_steps("F", OLD, NEW), str(work), session)
+    kept = os.open(work / "F", os.O_RDONLY)
+    try:
+        inode = os.fstat(kept).st_ino
+        client.do(client.save_steps("F", NEW, style), str(work), session)
+        assert (work / "F").read_bytes() == NEW
+        assert (os.stat(work / "F").st_ino == inode) == (style in client.in_place)
+    finally:
+        os.close(kept)

@@ -48,6 +48,19 @@ def screen_text(raw):
     return "\n".join(line for line in lines if line.strip())[-2000:]
 
 
+@dataclass(frozen=True)
+class Write:
+    """Put data in a file: a name in F's directory, or "{home}/..." in the session's HOME."""
+    path: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Run:
+    """Run a program in F's directory; "{home}" in a word is the session's HOME."""
+    argv: tuple
+
+
 @dataclass
 class Session:
     """Where a client runs: its HOME (a scratch directory of its own)."""
@@ -79,14 +92,31 @@ class Client:
         """The program's version line, for the results."""
         return _version(self, session)
 
+    def prepare_steps(self, name, old, new):
+        """What lays out the save's starting point in F's directory: F holding `old`."""
+        return [Write(name, old)]
+
+    def save_steps(self, name, new, style):
+        """The save as Write/Run steps in F's directory.  A style that a person runs
+        in a terminal (save() drives it with pexpect) gives the same save done by the
+        program without one: what a reproduction outside stackcheck runs."""
+        raise NotImplementedError
+
     def prepare(self, path, old, new, session):
-        """Lay out what the save starts from: F holding `old`."""
-        with open(path, "wb") as f:
-            f.write(old)
+        self.do(self.prepare_steps(os.path.basename(path), old, new), os.path.dirname(path), session)
 
     def save(self, path, new, style, session):
         """Run the program so that F ends up holding `new`; the backup's name or None."""
-        raise NotImplementedError
+        self.do(self.save_steps(os.path.basename(path), new, style), os.path.dirname(path), session)
+        return None
+
+    def do(self, steps, directory, session):
+        for s in steps:
+            if isinstance(s, Write):
+                with open(os.path.join(directory, s.path.replace("{home}", session.home)), "wb") as f:
+                    f.write(s.data)
+            else:
+                self.run([word.replace("{home}", session.home) for word in s.argv], session, directory)
 
     def save_and_check(self, path, new, style, session):
         """save(), then make sure the program left no process of its own behind."""

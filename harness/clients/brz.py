@@ -7,7 +7,7 @@ keeps the change as F.~1~ unless told --no-backup.
 
 import os
 
-from harness.clients import Client, ClientFailed, register
+from harness.clients import Client, ClientFailed, Run, Write, register
 
 
 @register
@@ -22,20 +22,18 @@ class Brz(Client):
         "revert-no-backup": "brz revert --no-backup F",
     }
 
-    def prepare(self, path, old, new, session):
-        directory, name = os.path.split(path)
-        with open(path, "wb") as f:
-            f.write(new)
-        self.run([self.command, "init", "-q", "."], session, directory)
-        self.run([self.command, "add", "-q", name], session, directory)
-        self.run([self.command, "commit", "-q", "-m", "the committed version", name], session, directory)
-        with open(path, "wb") as f:  # the local change that revert undoes
-            f.write(old)
+    def prepare_steps(self, name, old, new):
+        return [Write(name, new), Run((self.command, "init", "-q", ".")), Run((self.command, "add", "-q", name)),
+                Run((self.command, "commit", "-q", "-m", "the committed version", name)),
+                Write(name, old)]  # the local change that revert undoes
+
+    def save_steps(self, name, new, style):
+        extra = ("--no-backup",) if style == "revert-no-backup" else ()
+        return [Run((self.command, "revert", "-q", *extra, name))]
 
     def save(self, path, new, style, session):
-        directory, name = os.path.split(path)
-        extra = ["--no-backup"] if style == "revert-no-backup" else []
-        self.run([self.command, "revert", "-q", *extra, name], session, directory)
+        super().save(path, new, style, session)
+        name = os.path.basename(path)
         if style == "revert":
             if not os.path.lexists(path + ".~1~"):
                 raise ClientFailed(f"brz revert left no {name}.~1~")

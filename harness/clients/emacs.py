@@ -8,7 +8,7 @@ keeps its lock file (.#F) beside F, as it does for a person.
 
 import os
 
-from harness.clients import Client, ClientFailed, register
+from harness.clients import Client, ClientFailed, Run, register
 
 # Lisp run before F is visited: no startup screen, no version-control calls, the style's
 # backups.  backup-enable-predicate: Emacs makes no backups of files under /tmp (where run
@@ -40,14 +40,17 @@ class Emacs(Client):
 
     in_place = ("backup-copy", "no-backup")
 
+    def save_steps(self, name, new, style):
+        lisp = (f"(progn {COMMON} {SETTINGS.get(style, '')} (find-file {_lisp_string(name)}) (erase-buffer) "
+                f"(insert {_lisp_string(new.decode())}) (save-buffer))")
+        return [Run((self.command, "--batch", "-Q", "--eval", lisp))]
+
     def save(self, path, new, style, session):
         directory, name = os.path.split(path)
         had_backup = os.path.lexists(path + "~")
         text = new.decode().rstrip("\n")
         if style == "batch":
-            lisp = (f"(progn {COMMON} (find-file {_lisp_string(name)}) (erase-buffer) "
-                    f"(insert {_lisp_string(text + chr(10))}) (save-buffer))")
-            self.run([self.command, "--batch", "-Q", "--eval", lisp], session, directory)
+            self.do(self.save_steps(name, new, style), directory, session)
         else:
             emacs = self.spawn([self.command, "-nw", "-Q", "--eval", f"(progn {COMMON} {SETTINGS[style]})", name],
                                session, directory)

@@ -5,9 +5,7 @@ as a local change.  git writes a checked-out file by removing it and creating
 it again.
 """
 
-import os
-
-from harness.clients import Client, register
+from harness.clients import Client, Run, Write, register
 
 IDENTITY = "stackcheck"
 
@@ -25,18 +23,9 @@ class Git(Client):
         "stash": "git stash: the local change put aside",
     }
 
-    def prepare(self, path, old, new, session):
-        directory, name = os.path.split(path)
-        with open(path, "wb") as f:
-            f.write(new)
-        self.run([self.command, "init", "-q", "."], session, directory)
-        self.run([self.command, "add", name], session, directory)
-        self.run([self.command, "commit", "-q", "-m", "the committed version"], session, directory)
-        with open(path, "wb") as f:
-            f.write(old)
+    def prepare_steps(self, name, old, new):
+        return [Write(name, new), Run((self.command, "init", "-q", ".")), Run((self.command, "add", name)),
+                Run((self.command, "commit", "-q", "-m", "the committed version")), Write(name, old)]
 
-    def save(self, path, new, style, session):
-        directory, name = os.path.split(path)
-        argv = [self.command, "checkout", "--", name] if style == "checkout" else [self.command, "stash", "-q"]
-        self.run(argv, session, directory)
-        return None
+    def save_steps(self, name, new, style):
+        return [Run((self.command, "checkout", "--", name) if style == "checkout" else (self.command, "stash", "-q"))]

@@ -1,9 +1,7 @@
 """rsync of a new version over F: by default into a temporary .F.XXXXXX renamed over
 F; with --inplace F itself is rewritten.  -I: no quick check by size and mtime."""
 
-import os
-
-from harness.clients import Client, register
+from harness.clients import Client, Run, Write, register
 
 
 @register
@@ -18,10 +16,6 @@ class Rsync(Client):
 
     in_place = ("inplace",)
 
-    def save(self, path, new, style, session):
-        source = os.path.join(session.home, "rsync-source")
-        with open(source, "wb") as f:
-            f.write(new)
-        extra = ["--inplace"] if style == "inplace" else []
-        self.run([self.command, "-I", *extra, source, path], session, session.home)
-        return None
+    def save_steps(self, name, new, style):
+        extra = ("--inplace",) if style == "inplace" else ()
+        return [Write("{home}/rsync-source", new), Run((self.command, "-I", *extra, "{home}/rsync-source", name))]

@@ -1,8 +1,6 @@
 """GNU sed -i: writes the edited text to a temporary file beside F and renames it over F."""
 
-import os
-
-from harness.clients import Client, register
+from harness.clients import Client, Run, register
 
 
 @register
@@ -12,10 +10,8 @@ class Sed(Client):
     package = "sed"
     styles = {"in-place": "sed -i: a temporary file in F's directory renamed over F"}
 
-    def save(self, path, new, style, session):
-        directory, name = os.path.split(path)
+    def save_steps(self, name, new, style):
         text = new.decode().rstrip("\n")
         for special in "\\/&":
             text = text.replace(special, "\\" + special)
-        self.run([self.command, "-i", "-e", f"s/.*/{text}/", name], session, directory)  # F has one line
-        return None
+        return [Run((self.command, "-i", "-e", f"s/.*/{text}/", name))]  # F has one line

@@ -10,7 +10,7 @@ not for the user's own files.
 
 import os
 
-from harness.clients import Client, register
+from harness.clients import Client, Run, register
 
 
 @register
@@ -25,6 +25,12 @@ class Vim(Client):
     }
 
     in_place = ("yes",)
+
+    def save_steps(self, name, new, style):
+        text = new.decode().rstrip("\n").replace("'", "''")  # a Vim single-quoted string
+        return [Run((self.command, "-u", "NONE", "-i", "NONE", "-N", "-n", "-es", "--cmd",
+                     f"set backupcopy={style} backupskip=", "-c", "%d", "-c", f"call setline(1, '{text}')",
+                     "-c", "wq", name))]
 
     def save(self, path, new, style, session):
         directory, name = os.path.split(path)
