@@ -95,7 +95,7 @@ def main():
             if scratch.unavailable(fs, probe):
                 continue
             bare[fs] = median_ms(lambda fs=fs: bare_cycle(fs, run.sub("bare")), args.rounds)
-            for variant in stacks.variants():
+            for variant in stacks.default_variants():
                 if stacks.unavailable(variant, fs, probe):
                     continue
                 ms = median_ms(lambda v=variant, fs=fs: fixture_cycle(pool, v, fs, workdir), args.rounds)

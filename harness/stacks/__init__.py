@@ -32,6 +32,12 @@ def variants():
     return list(_VARIANTS)
 
 
+def default_variants():
+    """The variants a run without --stack uses: all but those that run only when
+    asked for (other people's stacks, whose findings are theirs, not the kernel's)."""
+    return [v for v, cls in _VARIANTS.items() if cls.in_default_run]
+
+
 def stack_class(variant):
     return _VARIANTS[variant]
 
@@ -67,4 +73,4 @@ def select(names):
 
 _load()
 
-__all__ = ["Stack", "register", "variants", "stack_class", "select", "matches", "unavailable"]
+__all__ = ["Stack", "register", "variants", "default_variants", "stack_class", "select", "matches", "unavailable"]

@@ -23,6 +23,8 @@ class Stack:
     user_map = None
     # Why changes made on the underlay while mounted are undefined, or "".
     underlay_changes_undefined = ""
+    # False: the variant runs only when named (--stack NAME, a glob or its kind).
+    in_default_run = True
 
     def __init__(self, variant, underlay, workdir, options=None):
         self.variant = variant

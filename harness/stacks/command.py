@@ -50,6 +50,7 @@ class CommandStack(base.DaemonStack):
     template = ""          # the command line, with placeholders
     version_command = ""   # how to ask the program's version; default: <program> --version
     daemon_ready = "mount"  # third-party daemons know nothing of --ready-fd
+    in_default_run = False  # someone else's stack: run when asked for, its findings are its own
 
     @classmethod
     def program(cls):
