@@ -17,15 +17,20 @@ NEW = b"the new version / & \\ saved\n"
 STYLES = [(name, style) for name, cls in sorted(clients.clients().items()) for style in cls.styles]
 
 
-@pytest.mark.parametrize("name,style", STYLES, ids=[f"{n}-{s}" for n, s in STYLES])
-def test_a_client_saves_as_its_style_says(tmp_path, name, style):
+def _workspace(tmp_path, name):
+    """The client, a session with its own HOME, and an empty directory for F."""
     client = clients.client(name)
     if client.unavailable():
         pytest.skip(client.unavailable())
     home, work = tmp_path / "home", tmp_path / "work"
     home.mkdir()
     work.mkdir()
-    session = clients.Session(str(home))
+    return client, clients.Session(str(home)), work
+
+
+@pytest.mark.parametrize("name,style", STYLES, ids=[f"{n}-{s}" for n, s in STYLES])
+def test_a_client_saves_as_its_style_says(tmp_path, name, style):
+    client, session, work = _workspace(tmp_path, name)
     path = str(work / "F")
     client.prepare(path, OLD, NEW, session)
     kept = os.open(path, os.O_RDONLY)  # pins the old inode: its number cannot be reused
@@ -50,13 +55,7 @@ def test_a_client_saves_as_its_style_says(tmp_path, name, style):
 def test_the_steps_a_reproduction_runs_save_as_the_style_does(tmp_path, name, style):
     """Reproductions run save_steps(): for a terminal style, the same save without
     a terminal.  It must keep or replace F's inode exactly as the style does."""
-    client = clients.client(name)
-    if client.unavailable():
-        pytest.skip(client.unavailable())
-    home, work = tmp_path / "home", tmp_path / "work"
-    home.mkdir()
-    work.mkdir()
-    session = clients.Session(str(home))
+    client, session, work = _workspace(tmp_path, name)
     client.do(client.prepare_steps("F", OLD, NEW), str(work), session)
     kept = os.open(work / "F", os.O_RDONLY)
     try:
