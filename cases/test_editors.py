@@ -135,7 +135,7 @@ def host_edit_repro(name, style):
 
     def plain(steps):
         return [("write", s.path, s.data) if isinstance(s, clients.Write) else ("run", list(s.argv)) for s in steps]
-    code = f"""
+    prepare_code = f"""
 # {name} ({style}): {client.styles[style]}
 HOME_DIR = os.path.join(SCRATCH, "home")
 os.makedirs(HOME_DIR, exist_ok=True)
@@ -156,13 +156,9 @@ def run_steps(directory, steps):
 
 def prepare(path):
     run_steps(os.path.dirname(path), PREPARE)
-
-
-def save(path):
-    run_steps(os.path.dirname(path), SAVE)
 """
-    prepare_code, save_code = code.split("\n\n\ndef save(path):")
-    return rename_over_repro(OLD, new, style not in client.in_place, "def save(path):" + save_code, prepare_code)
+    save_code = "def save(path):\n    run_steps(os.path.dirname(path), SAVE)\n"
+    return rename_over_repro(OLD, new, style not in client.in_place, save_code, prepare_code)
 
 
 def _declare(case_id, name, style, groups, body, title):

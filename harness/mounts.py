@@ -65,13 +65,9 @@ def fusectl():
         os.rmdir(path)
 
 
-def abort_fuse(mount):
-    """Abort a FUSE connection (its fusectl entry is the device minor) so that a
-    hung or dead daemon cannot block unmount."""
-    abort_fuse_device(mount.device)
-
-
 def abort_fuse_device(device):
+    """Abort the FUSE connection of a mount's device ("major:minor"; its fusectl
+    entry is the minor) so that a hung or dead daemon cannot block unmount."""
     try:
         with fusectl() as connections:
             with open(os.path.join(connections, device.split(":")[1], "abort"), "w") as f:
@@ -117,6 +113,6 @@ def unmount_all_under(directory):
     found = under(directory)
     for m in found:
         if m.fstype.startswith("fuse"):
-            abort_fuse(m)
+            abort_fuse_device(m.device)
         unmount(m.mountpoint)
     return found
