@@ -4,7 +4,10 @@ import contextlib
 import errno
 import os
 import re
+import select
+import struct
 import tempfile
+import time
 from dataclasses import dataclass
 
 from harness import syscalls
@@ -93,6 +96,110 @@ def namespaces_holding(device):
         except OSError:  # gone, or a kernel thread
             continue
     return holders
+
+
+def bind_shared(path):
+    """Bind path on itself as a shared mount.  Every mount made below it is then
+    shared too, and the copy that a container's new mount namespace takes of it
+    is a slave (mount_namespaces(7): copied into a less privileged user
+    namespace), so our umount reaches that copy.  A private copy would keep the
+    filesystem alive in another worker's container after our umount, and
+    overlayfs then refuses to mount the same upperdir again (EBUSY)."""
+    syscalls.mount(path, path, None, syscalls.MS_BIND)
+    syscalls.mount(None, path, None, syscalls.MS_SHARED)
+
+
+def processes_using(mount_id, path):
+    """'pid (name): what' for processes with an open file (by the mount id in
+    fdinfo), working directory or root on the mount."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        uses = []
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fdinfo"):
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    if f"mnt_id:\t{mount_id}\n" in f.read():
+                        uses.append(f"fd {fd}")
+            for link in ("cwd", "root"):
+                target = os.readlink(f"/proc/{pid}/{link}")
+                if target == path or target.startswith(path + "/"):
+                    uses.append(link)
+            if uses:
+                with open(f"/proc/{pid}/comm") as f:
+                    found.append(f"{pid} ({f.read().strip()}): {', '.join(uses)}")
+        except OSError:  # gone, or a kernel thread
+            continue
+    return found
+
+
+SUPERBLOCK_RELEASE_TIMEOUT = 10.0
+_EVENT = struct.Struct("iIII")  # struct inotify_event without its name
+
+
+class StillMounted(RuntimeError):
+    """A filesystem outlived its umount: something still holds it."""
+
+
+class SuperblockWatch:
+    """Tells when the filesystem mounted at a path is gone, not only unmounted
+    here.  inotify reports IN_UNMOUNT for a watched inode when its superblock
+    shuts down, which happens only when no mount of it is left in any
+    namespace and no file of it is open: the condition for mounting the same
+    layers or the same device again."""
+
+    def __init__(self, path, what):
+        self.path = os.path.realpath(path)
+        self.what = what
+        st = os.stat(self.path)
+        self.device = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+        self.mount_id = next((m.mount_id for m in reversed(table()) if m.mountpoint == self.path), None)
+        self._fd = syscalls.inotify_init1(syscalls.IN_CLOEXEC | syscalls.IN_NONBLOCK)
+        try:
+            syscalls.inotify_add_watch(self._fd, self.path, syscalls.IN_ATTRIB | syscalls.IN_ONLYDIR)
+        except OSError:
+            os.close(self._fd)
+            raise
+
+    def _shut_down(self, timeout):
+        poller = select.poll()
+        poller.register(self._fd, select.POLLIN)
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if not poller.poll(left * 1000):
+                break
+            events = os.read(self._fd, 65536)
+            while events:
+                _, mask, _, name_len = _EVENT.unpack_from(events)
+                if mask & (syscalls.IN_UNMOUNT | syscalls.IN_IGNORED):
+                    return True
+                events = events[_EVENT.size + name_len:]
+        return False
+
+    def wait_gone(self, timeout=SUPERBLOCK_RELEASE_TIMEOUT):
+        """Return once the filesystem is gone; after timeout, raise StillMounted
+        naming what still holds it."""
+        if self._shut_down(timeout):
+            return
+        holders = [f"mount namespace of pid {pid}" for pid in namespaces_holding(self.device)]
+        if self.mount_id is not None:
+            holders += processes_using(self.mount_id, self.path)
+        raise StillMounted(f"{self.what}: its filesystem ({self.device}) is still alive {timeout:g} s after "
+                           f"umount of {self.path}; held by: {'; '.join(holders) or 'nothing found'}")
+
+    def close(self):
+        os.close(self._fd)
+
+
+@contextlib.contextmanager
+def superblock_gone(path, what):
+    """Around an unmount of the filesystem at path: the block ends only once
+    that filesystem is gone everywhere (see SuperblockWatch)."""
+    watch = SuperblockWatch(path, what)
+    try:
+        yield
+        watch.wait_gone()
+    finally:
+        watch.close()
 
 
 def unmount(path, lazy_fallback=True):

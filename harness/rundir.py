@@ -85,6 +85,9 @@ class RunDir:
         run = cls(path)
         with open(os.path.join(path, "owner"), "w") as f:
             json.dump({"pid": os.getpid(), "start": _start_time(os.getpid())}, f)
+        # Every mount of the run lies below this shared mount, so that a container's
+        # copy of it goes when we unmount it (mounts.bind_shared); remove() undoes it.
+        mounts.bind_shared(path)
         return run
 
     def sub(self, *parts):
@@ -114,7 +117,8 @@ class RunDir:
             if start is not None and abs(start - rec["start"]) < 1.0:
                 found.append(f"process {rec['pid']} ({rec['what']})")
                 os.kill(rec["pid"], signal.SIGKILL)
-        found += [f"mount {m.mountpoint} ({m.fstype})" for m in mounts.unmount_all_under(self.path)]
+        found += [f"mount {m.mountpoint} ({m.fstype})" for m in mounts.unmount_all_under(self.path)
+                  if m.mountpoint != os.path.realpath(self.path)]  # but the run's own shared bind
         from harness import dmdev  # late: only runs that may have dm devices need it
         for name in dmdev.remove_with_prefix(self.dm_prefix):
             found.append(f"dm device {name}")

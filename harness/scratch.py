@@ -86,7 +86,10 @@ class Underlay:
         """Unmount and mount again, so what is read next comes from the device."""
         if self.device is None:
             raise ValueError("a tmpfs underlay cannot be mounted again: its contents live in memory only")
-        mounts.unmount(self.root)
+        # Mounting the device again while its filesystem lives would give back that
+        # same superblock, caches and all.
+        with mounts.superblock_gone(self.root, self.describe()):
+            mounts.unmount(self.root)
         self.mount()
         log.info("underlay mounted again: %s", self.describe())
 

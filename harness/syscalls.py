@@ -1,7 +1,7 @@
 """Thin ctypes wrappers for the system calls Python 3.11's os module lacks.
 
-mount(2), umount2(2), syncfs(2), unshare(2), setns(2) and the new mount API
-(open_tree, mount_setattr, move_mount) that idmapped mounts need.  Each wrapper
+mount(2), umount2(2), syncfs(2), unshare(2), setns(2), inotify(7) and the new
+mount API (open_tree, mount_setattr, move_mount) that idmapped mounts need.  Each wrapper
 raises OSError with the real errno, like the os module does.
 """
 
@@ -31,6 +31,7 @@ MS_NODEV = 4
 MS_BIND = 4096
 MS_REC = 16384
 MS_PRIVATE = 1 << 18
+MS_SHARED = 1 << 20
 
 MNT_FORCE = 1
 MNT_DETACH = 2
@@ -84,6 +85,22 @@ def fchownat_empty(fd, uid, gid):
 def renameat2(old_dir_fd, old_name, new_dir_fd, new_name, flags=0):
     _check(_libc.renameat2(old_dir_fd, _b(old_name), new_dir_fd, _b(new_name), ctypes.c_uint(flags)),
            f"renameat2 {old_name} {new_name}")
+
+
+IN_CLOEXEC = os.O_CLOEXEC
+IN_NONBLOCK = os.O_NONBLOCK
+IN_ATTRIB = 0x00000004
+IN_UNMOUNT = 0x00002000  # the watched object's filesystem (superblock) was shut down
+IN_IGNORED = 0x00008000
+IN_ONLYDIR = 0x01000000
+
+
+def inotify_init1(flags):
+    return _check(_libc.inotify_init1(flags), "inotify_init1")
+
+
+def inotify_add_watch(fd, path, mask):
+    return _check(_libc.inotify_add_watch(fd, _b(path), ctypes.c_uint32(mask)), f"inotify_add_watch {path}")
 
 
 def unshare(flags):

@@ -1,5 +1,6 @@
 """What every stack kind shares: where things are, and who works through it."""
 
+import contextlib
 import logging
 import os
 
@@ -69,9 +70,18 @@ class Stack:
             user.close()
         self._users.clear()
         if self.mounted:
-            self._unmount()
-            self.mounted = False
+            watched = self.superblock_path()
+            with mounts.superblock_gone(watched, self.describe()) if watched else contextlib.nullcontext():
+                self._unmount()
+                self.mounted = False
             log.info("unmounted %s", self.variant)
+
+    def superblock_path(self):
+        """Where the stack's own superblock is mounted: unmount() returns only once
+        it is gone (mounts.SuperblockWatch), since mounting the same layers again
+        while it lives fails (overlayfs: upperdir in use, EBUSY).  None: the
+        stack has no superblock of its own to wait for."""
+        return self.mountpoint
 
     def remount(self):
         """Unmount the stack and mount it again on the same underlay: it then shows
@@ -167,10 +177,16 @@ class DaemonStack(Stack):
     foreground, waited for, stopped by unmount; a crash fails the case."""
 
     daemon = None
-    daemon_ready = "fd"  # how the daemon says it is mounted: --ready-fd, or "mount" (watch the table)
+    daemon_ready = "fd"
+  # how the daemon says it is mounted: --ready-fd, or "mount" (watch the table)
 
     def daemon_argv(self):
         raise NotImplementedError
+
+    def superblock_path(self):
+        # The daemon's exit shows its superblock gone (fusedaemon waits for it); a watch's
+        # permission check on the mount's root would ask the daemon, which may be hung.
+        return None
 
     def bug_arguments(self):
         """--bug NAME for each name in the stack option bug=NAME[,NAME]."""

@@ -42,3 +42,6 @@ class Idmapped(ShiftingStack):
             os.close(tree)
         log.info("idmapped mount of %s at %s, map %s", self.source, self.mountpoint, self.user_map.line().strip())
         self.mounted = True
+
+    def superblock_path(self):
+        return None  # a view of the underlay's own superblock, which outlives it

@@ -42,6 +42,9 @@ class Shiftfs(ShiftingStack):
                  self.source, self.mountpoint, self.holder.pid)
         self.mounted = True
 
+    def superblock_path(self):
+        return self.source  # the mark; the shifted mount goes with the holder's namespace
+
     def _unmount(self):
         self.holder.stop()  # the shifted mount goes with the container's mount namespace
         mounts.unmount(self.source)

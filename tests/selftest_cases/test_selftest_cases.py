@@ -10,7 +10,7 @@ import os
 import pytest
 
 from fixtures import Needs, case, check, expect_errno, log, step
-from harness import kmsg
+from harness import container, kmsg
 
 GROUPS = ("selftest",)
 
@@ -109,3 +109,36 @@ def test_fails_with_a_user_left_running(stack):
     user = stack.start(_wait_forever)
     check(user.recv() == "started", "selftest: the stack user runs")
     check(False, "selftest: fail with the stack user still running")
+
+
+def _hold_a_copy(channel, root):
+    os.listdir(root)
+    channel.send("holding")
+    channel.recv()  # until ended: meanwhile its mount namespace holds copies of every mount
+
+
+@case("selftest/010", "Mounts the stack again and again over the same layers while containers of its "
+      "own and of other workers hold copies of the mounts", GROUPS)
+def test_remount_under_containers(stack):
+    rounds = int(os.environ.get("STACKCHECK_SELFTEST_REMOUNTS", "50"))
+    for i in range(rounds):
+        with open(stack.host_path(f"laid-out-{i}"), "w") as f:
+            f.write("x")
+        # A container of another case (as on another worker) lives on across the remount.
+        bystander = container.start(_hold_a_copy, stack.path(), idmap=container.CONTAINER_MAP)
+        try:
+            check(bystander.recv() == "holding", "selftest: another container holds a copy of the mounts")
+            check(stack.start(_hold_a_copy, stack.path()).recv() == "holding", "selftest: the stack's user runs")
+            with step(f"selftest: round {i}: mount the stack again"):
+                stack.remount()
+            if stack.underlay.device is not None and "volatile" not in stack.variant_traits(stack.variant):
+                with step(f"selftest: round {i}: unmount the stack and the underlay, mount both again"):
+                    stack.cycle()
+        finally:
+            bystander.close()
+        check(os.path.exists(stack.path(f"laid-out-{i}")), f"selftest: round {i}: the layers show through")
+
+
+@case("selftest/011", "Declares a rule that is a known gap on overlayfs, and passes", GROUPS, rules=("syncfs",))
+def test_passes_under_a_gap_rule(stack):
+    stack.run(_list_root, stack.path())
