@@ -210,9 +210,9 @@ def _thread_process(channel, root, name, variant):
 
 
 @case("stack/042", "Two processes through the stack: a failed writeback of one's file reaches its fsync and "
-      "both processes' syncfs once each (the Nov 2020 thread's sequence)", GROUPS, bug=ERRSEQ, needs=NEEDS)
+      "both processes' syncfs once each (the Nov 2020 thread's sequence)", GROUPS, bug=ERRSEQ, needs=NEEDS,
+      rules=("fsync", "syncfs"))
 def test_syncfs_error_once_per_process(stack):
-    errseq.log_expectations(stack.variant, ("fsync", "syncfs"))
     device = stack.underlay.faulty
     log(f"underlay: {stack.underlay.describe()}")
     log(f"faulty device: {device.describe()}; only F1's data blocks fail (FIEMAP)")
@@ -285,9 +285,9 @@ def _upper_syncfs(stack, description, expectation):
       "until work/incompat/volatile is removed", GROUPS,
       bug=Bug("overlayfs volatile mounts: report upper writeback errors until remount (linux-unionfs, Nov 2020)",
               commit="335d3fc57941", link="https://lore.kernel.org/linux-unionfs/"),
-      needs=Needs(features=("faults",), filesystems=("ext4", "xfs"), stack_traits=("volatile",)))
+      needs=Needs(features=("faults",), filesystems=("ext4", "xfs"), stack_traits=("volatile",)),
+      rules=("volatile",))
 def test_volatile_overlay_error_sticks(stack):
-    errseq.log_expectations(stack.variant, ("volatile",))
     healthy, failing = errseq.Expectation(False, "the upper fs is healthy"), errseq.expect("syncfs", "upper")
     device = stack.underlay.faulty
     log(f"underlay: {stack.underlay.describe()}")

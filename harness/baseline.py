@@ -4,9 +4,10 @@
     python -m harness.baseline merge -o OUT.xml SHARD.xml...
     python -m harness.baseline summary RESULT.xml
 
-compare exits 1 only for regressions (passed before, fails now) and for
-failures of cases the baseline did not have; a fix, a case still failing or a
-case now not run is reported, not failed.  merge joins the result.xml files of
+compare exits 1 only for regressions (passed before, fails now, or now shows
+a known gap it had closed) and for failures of cases the baseline did not
+have; a fix, a known gap closed or still open, a case still failing or a case
+now not run is reported, not failed.  merge joins the result.xml files of
 shards (or of any runs over disjoint cases) into one, whose summary is the one
 a single run would have printed.
 """
@@ -25,6 +26,8 @@ OK = (res.PASS, res.XFAIL)
 class Comparison:
     regressions: list = field(default_factory=list)
     fixed: list = field(default_factory=list)
+    gaps_closed: list = field(default_factory=list)
+    gaps_open: list = field(default_factory=list)
     still_failing: list = field(default_factory=list)
     newly_not_run: list = field(default_factory=list)  # (name, reason)
     new_cases: list = field(default_factory=list)
@@ -38,7 +41,8 @@ class Comparison:
     def lines(self):
         out = []
         for label, names in (("Regressions", self.regressions), ("Failures of new cases", self.new_failures),
-                             ("Fixed", self.fixed), ("Still failing", self.still_failing),
+                             ("Fixed", self.fixed), ("Known gaps closed", self.gaps_closed),
+                             ("Known gaps, still open", self.gaps_open), ("Still failing", self.still_failing),
                              ("New cases", self.new_cases), ("No longer in the run", self.gone)):
             if names:
                 out.append(f"{label}: {' '.join(names)}")
@@ -59,11 +63,17 @@ def compare(baseline_cases, candidate_cases):
             result.new_cases.append(name)
             if new.outcome == res.FAIL:
                 result.new_failures.append(name)
+            elif new.properties.get("gap closed"):
+                result.gaps_closed.append(name)
         elif new.outcome == res.FAIL:
             (result.still_failing if old.outcome == res.FAIL else
-             result.regressions if old.outcome in OK else result.new_failures).append(name)
+             result.regressions if old.outcome in OK + (res.KNOWN_GAP,) else result.new_failures).append(name)
+        elif new.outcome == res.KNOWN_GAP:
+            (result.regressions if old.outcome == res.PASS else result.gaps_open).append(name)
         elif new.outcome in OK and old.outcome == res.FAIL:
             result.fixed.append(name)
+        elif new.outcome in OK and old.outcome == res.KNOWN_GAP:
+            result.gaps_closed.append(name)
         elif new.outcome == res.NOTRUN and old.outcome != res.NOTRUN:
             result.newly_not_run.append((name, new.reason))
     result.gone = sorted(set(before) - set(after))

@@ -5,7 +5,7 @@ expect(rule, variant) and log the answer, so a case's .full says which rule it
 held the kernel to and why.  Each promise names the first release that keeps it
 (from the commit that brought it); a release before that gets the documented
 older behaviour; a promise no release is known to keep (since=None) is still
-the expectation, and a failure then names the gap.  A release newer than any
+the expectation, and a failure then raises KnownGap, reported as a known gap.  A release newer than any
 listed one is held to the newest rules, which is upstream's current state.
 """
 
@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 
 from harness.probe import kernel_version
-from harness.steps import StepFailed, expect_errno, log, step
+from harness.steps import KnownGap, StepFailed, expect_errno, log, step
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,11 @@ def log_expectations(variant, rules):
         log(f"rule {rule} on {variant}, kernel {os.uname().release}: {expect(rule, variant).describe()}")
 
 
+def gaps(variant, rules, release=None):
+    """The known gaps among these rules for this stack variant and kernel release."""
+    return [e.gap for e in (expect(rule, variant, release) for rule in rules) if e.gap]
+
+
 def sync_call(expectation, description, fn, fd, error=errno.EIO):
     """fn(fd) must fail with `error` if the expectation says it reports, else succeed."""
     try:
@@ -105,5 +110,5 @@ def sync_call(expectation, description, fn, fd, error=errno.EIO):
                 fn(fd)
     except StepFailed as failed:
         if expectation.gap:
-            raise StepFailed(f"{failed} [{expectation.gap}]") from None
+            raise KnownGap(f"{failed} [{expectation.gap}]", expectation.gap) from None
         raise

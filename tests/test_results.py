@@ -95,3 +95,23 @@ def test_result_xml_holds_what_xml_cannot(tmp_path):
     suite = ET.parse(os.path.join(r.dir, "result.xml")).getroot()
     failure = next(suite.iter("testcase")).find("failure")
     assert (failure.get("message"), failure.text) == ("got b'\\x00\\x00' \\x1b[7m", "content \\x00\\x01 seen")
+
+
+GAP = "S5.1 syncfs: expected EIO, got success [known gap, no kernel release is known to keep this yet: why]"
+
+
+def test_known_gaps_are_listed_apart_and_fail_nothing(tmp_path):
+    r = make(tmp_path)
+    r.add(case(res.PASS))
+    r.add(case(res.KNOWN_GAP, "stack/042", reason=GAP))
+    r.add(case(res.PASS, "stack/043", properties={"gap closed": "why"}))
+    assert r.summary_lines()[1:] == [
+        "Ran: stack/001[overlay-ext4] stack/042[overlay-ext4] stack/043[overlay-ext4]",
+        "Known gaps: stack/042[overlay-ext4]", "Known gaps closed: stack/043[overlay-ext4]",
+        "Passed all 2 tests (1 known gaps, listed above)"]
+    assert not os.path.exists(r.path(r.cases[1], ".out.bad"))
+    r.finish()
+    _, cases = res.read_xml(os.path.join(r.dir, "result.xml"))
+    gap = next(c for c in cases if c.case_id == "stack/042")
+    assert (gap.outcome, gap.reason) == (res.KNOWN_GAP, GAP)
+    assert next(c for c in cases if c.case_id == "stack/043").properties["gap closed"] == "why"
