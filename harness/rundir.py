@@ -1,7 +1,10 @@
 """The run directory: everything a run creates lives under it, tagged "stackcheck".
 
 <base>/run-<pid>-<random>/owner records the owning process (pid and its start
-time, so a recycled pid is not mistaken for the owner).  A run killed with
+time in clock ticks after boot, so a recycled pid is not mistaken for the
+owner, and a change of the wall clock cannot make a live run look dead).  A run
+directory appears under its run-* name only once its owner record is in it: a
+run starting beside a recovery is never taken for a dead one.  A run killed with
 SIGKILL leaves that record behind; the next run finds it and removes what the
 dead run left: FUSE connections aborted, mounts below the directory unmounted
 deepest first, loop devices over its images detached, dm devices with its
@@ -14,11 +17,11 @@ import shutil
 import signal
 import tempfile
 
-import psutil
 
 from harness import loopdev, mounts
 
 TAG = "stackcheck"
+STAGING = ".new-run-"  # a run directory being made: renamed to run-* once its owner record is in
 
 
 def default_base():
@@ -26,10 +29,17 @@ def default_base():
 
 
 def _start_time(pid):
+    """When pid started, in clock ticks after boot (/proc/<pid>/stat), or None."""
     try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
         return None
+
+
+def _alive(record):
+    start = _start_time(record.get("pid"))
+    return start is not None and start == record.get("start")
 
 
 def unreachable(directory):
@@ -80,11 +90,13 @@ class RunDir:
         problem = unreachable(base)
         if problem:
             raise RuntimeError(problem)
-        path = tempfile.mkdtemp(prefix=f"run-{os.getpid()}-", dir=base)
-        os.chmod(path, 0o755)  # container users must be able to walk to the stack mounts
-        run = cls(path)
-        with open(os.path.join(path, "owner"), "w") as f:
+        staging = tempfile.mkdtemp(prefix=f"{STAGING}{os.getpid()}-", dir=base)
+        os.chmod(staging, 0o755)  # container users must be able to walk to the stack mounts
+        with open(os.path.join(staging, "owner"), "w") as f:
             json.dump({"pid": os.getpid(), "start": _start_time(os.getpid())}, f)
+        path = os.path.join(base, "run-" + os.path.basename(staging)[len(STAGING):])
+        os.rename(staging, path)
+        run = cls(path)
         # Every mount of the run lies below this shared mount, so that a container's
         # copy of it goes when we unmount it (mounts.bind_shared); remove() undoes it.
         mounts.bind_shared(path)
@@ -103,18 +115,15 @@ class RunDir:
     def owner_alive(self):
         try:
             with open(os.path.join(self.path, "owner")) as f:
-                owner = json.load(f)
+                return _alive(json.load(f))
         except (OSError, ValueError):
             return False
-        start = _start_time(owner["pid"])
-        return start is not None and abs(start - owner["start"]) < 1.0
 
     def remove(self):
         """Tear down everything under the run directory; returns what was found."""
         found = []
         for rec in _recorded_processes(self.path):
-            start = _start_time(rec["pid"])
-            if start is not None and abs(start - rec["start"]) < 1.0:
+            if _alive(rec):
                 found.append(f"process {rec['pid']} ({rec['what']})")
                 os.kill(rec["pid"], signal.SIGKILL)
         found += [f"mount {m.mountpoint} ({m.fstype})" for m in mounts.unmount_all_under(self.path)
@@ -138,6 +147,9 @@ def recover_leftovers(base=None):
     if not os.path.isdir(base):
         return report
     for name in sorted(os.listdir(base)):
+        if name.startswith(STAGING) and _start_time(int(name[len(STAGING):].split("-")[0])) is None:
+            shutil.rmtree(os.path.join(base, name), ignore_errors=True)  # died while being born: nothing mounted
+            continue
         if not name.startswith("run-"):
             continue
         run = RunDir(os.path.join(base, name))
