@@ -5,6 +5,7 @@ dependency exists.  Installs what is missing (apt-get as root; the Python
 packages of pyproject.toml into .venv), then hands over to the venv's python.
 """
 
+import functools
 import hashlib
 import os
 import shutil
@@ -18,6 +19,9 @@ VENV = os.path.join(ROOT, ".venv")
 VENV_PYTHON = os.path.join(VENV, "bin", "python")
 STAMP = os.path.join(VENV, ".stackcheck-deps")
 SBIN_PATH = "/usr/local/sbin:/usr/sbin:/sbin"
+# What the set-up could not install, and why ("package: reason" lines), for the
+# tests that need it: a skip names the reason, never only the missing program.
+NOT_INSTALLED = "STACKCHECK_NOT_INSTALLED"
 
 
 def say(message):
@@ -29,29 +33,64 @@ def _project():
         return tomllib.load(f)
 
 
+@functools.cache
+def _apt_update():
+    """Once a run: a fresh machine's package lists are empty or stale."""
+    subprocess.run(["apt-get", "update", "-qq"], env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"),
+                   stdout=subprocess.DEVNULL, check=False)
+
+
 def _apt_install(packages):
+    """None once packages are installed, else why not (apt-get's last word)."""
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     say(f"installing Debian packages: {' '.join(packages)}")
-    subprocess.run(["apt-get", "update", "-qq"], env=env, stdout=subprocess.DEVNULL, check=False)
+    _apt_update()
     done = subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *packages],
                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if done.returncode:
-        # Not fatal: cases that need a missing tool report "not run" with the reason.
-        say(f"apt-get install failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
-    return done.returncode == 0
+    if not done.returncode:
+        return None
+    # Not fatal: cases that need a missing tool report "not run" with the reason.
+    why = f"apt-get install failed ({done.returncode}): " + " ".join(done.stderr.strip().splitlines()[-1:])
+    say(why)
+    return why
 
 
-def ensure_debian_packages(project):
-    wanted = dict(project["tool"]["stackcheck"]["debian-packages"])
+def wanted_packages(project, argv):
+    """[{tool on PATH or absolute path: Debian package}]: the cases' table, and for
+    --self-test also the packages only stackcheck's own tests need, installed apart
+    so that one of them missing from the archive keeps none of the cases' tools out."""
+    config = project["tool"]["stackcheck"]
+    cases = dict(config["debian-packages"])
     # Debian's own python3 keeps its C headers (for building pyfuse3) in python3-dev.
-    wanted[os.path.join(sysconfig.get_paths()["include"], "Python.h")] = "python3-dev"
+    cases[os.path.join(sysconfig.get_paths()["include"], "Python.h")] = "python3-dev"
+    return [cases, dict(config["self-test-packages"])] if "--self-test" in argv else [cases]
+
+
+def ensure_debian_packages(wanted):
+    """Install what wanted ({tool or path: package}) misses; {package: why not} for
+    what is still missing."""
     path = os.environ.get("PATH", "") + ":" + SBIN_PATH
 
     def present(what):
         return os.path.exists(what) if what.startswith("/") else shutil.which(what, path=path)
-    missing = sorted({pkg for what, pkg in wanted.items() if not present(what)})
-    if missing and os.geteuid() == 0 and shutil.which("apt-get"):
-        _apt_install(missing)
+
+    def missing():
+        return sorted({pkg for what, pkg in wanted.items() if not present(what)})
+    if not missing():
+        return {}
+    why = _apt_install(missing()) if shutil.which("apt-get") else "no apt-get on this machine"
+    return {pkg: why or "apt-get installed it, yet its program is not there" for pkg in missing()}
+
+
+def why_not_installed(package):
+    """Why ./check's set-up left package uninstalled in this run (for a test's skip)."""
+    if NOT_INSTALLED not in os.environ:
+        return "these tests did not start from ./check --self-test, whose set-up installs it"
+    for line in os.environ[NOT_INSTALLED].splitlines():
+        name, _, why = line.partition(": ")
+        if name == package:
+            return why
+    return "./check's set-up did not try: no table of pyproject.toml's [tool.stackcheck] names it"
 
 
 def ensure_venv(project):
@@ -67,7 +106,7 @@ def ensure_venv(project):
     if subprocess.run([sys.executable, "-m", "venv", "--clear", VENV], stdout=subprocess.DEVNULL,
                       stderr=subprocess.DEVNULL).returncode:
         # Debian's python3 keeps venv's ensurepip in a package of its own.
-        if not (os.geteuid() == 0 and _apt_install(["python3-venv"])):
+        if os.geteuid() != 0 or _apt_install(["python3-venv"]):
             sys.exit("stackcheck: cannot create a venv (python3 -m venv failed; install python3-venv)")
         subprocess.run([sys.executable, "-m", "venv", "--clear", VENV], check=True)
     say("installing Python packages: " + " ".join(deps))
@@ -79,14 +118,18 @@ def ensure_venv(project):
 
 
 def main(module, argv):
+    env = dict(os.environ)
+    env.pop(NOT_INSTALLED, None)  # an outer run's word, not this one's
     if os.geteuid() == 0:
         project = _project()
-        ensure_debian_packages(project)
+        left_out = {}
+        for wanted in wanted_packages(project, argv):
+            left_out.update(ensure_debian_packages(wanted))
+        env[NOT_INSTALLED] = "".join(f"{pkg}: {why}\n" for pkg, why in sorted(left_out.items()))
         ensure_venv(project)
     elif not os.path.exists(VENV_PYTHON):
         say("must be run as root (it mounts filesystems and attaches loop devices)")
         sys.exit(2)
-    env = dict(os.environ)
     env["PATH"] = env.get("PATH", "/usr/bin:/bin") + ":" + SBIN_PATH
     env["PYTHONPATH"] = ROOT + (":" + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["PYTHONDONTWRITEBYTECODE"] = "1"

@@ -1,13 +1,17 @@
 """Comparing runs, merging shards, expunge lists, flaky reruns and the HTML report."""
 
+import html
+import json
 import os
+import re
 import shutil
 import subprocess
+import urllib.parse
 from html.parser import HTMLParser
 
 import pytest
 
-from harness import baseline, expunge
+from harness import baseline, bootstrap, expunge, report
 from harness import results as res
 
 ONE_STACK = ("--stack", "overlay", "--underlay", "tmpfs")
@@ -116,13 +120,15 @@ def test_a_case_that_passes_on_a_rerun_is_flaky(check, run_base):
 class _Cells(HTMLParser):
     def __init__(self):
         super().__init__()
-        self.links, self.cases = [], []
+        self.links, self.cases, self.ids = [], [], set()
         self._in_case = False
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
         if tag == "a":
             self.links.append(attrs)
+        if "id" in attrs:
+            self.ids.add(attrs["id"])
         self._in_case = tag == "td" and attrs.get("class") == "case"
 
     def handle_data(self, data):
@@ -141,20 +147,123 @@ def test_report_shows_the_matrix_with_working_links(check):
     outcomes = {a["class"] for a in parser.links if "class" in a}
     assert {"o fail", "o notrun", "o pass"} <= outcomes
     for link in parser.links:
-        assert os.path.exists(os.path.join(check.section_dir(), link["href"])), link
+        if link["href"].startswith("#"):  # a failing cell, from the summary above the matrix
+            assert urllib.parse.unquote(link["href"][1:]) in parser.ids, link
+        else:
+            assert os.path.exists(os.path.join(check.section_dir(), link["href"])), link
+    first = parser.links[0]  # the failing cell, linked from its stack and underlay's summary row, with why
+    assert first["href"] == "#selftest/001%5Boverlay-tmpfs%5D" and first["class"] == "o fail", first
+    assert first["title"].startswith("FAIL: ") and "ENOENT" in first["title"], first
     assert any(link["href"].endswith(".out.bad") for link in parser.links)
     assert "http" not in text.replace("https://bugs.launchpad.net", "")  # nothing fetched
 
 
-def test_report_renders_in_a_real_browser(check, tmp_path):
+def test_self_test_packages_are_installed_for_the_self_test_only():
+    project = bootstrap._project()
+    for_cases = bootstrap.wanted_packages(project, ["-g", "quick"])
+    for_self_test = bootstrap.wanted_packages(project, ["--self-test", "-k", "browser"])
+    assert for_self_test[0] == for_cases[0] and for_self_test[1] == {"chromium": "chromium"}
+    assert "chromium" not in [pkg for table in for_cases for pkg in table.values()]
+
+
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync")
+SCREEN = (1280, 800)
+
+# Injected into a copy of the report: what a reader sees on the first screen, and after
+# one click on the failing cell's link; the answer lands in <body data-check>.
+CHECK_SCRIPT = """<script>
+const name = %(name)s, caseId = %(case)s;
+const inView = (r) => r.top >= 0 && r.left >= 0 && r.bottom <= innerHeight && r.right <= innerWidth;
+const links = [...document.querySelectorAll("table.summary a")];
+const link = links.find(a => decodeURIComponent(a.hash) === "#" + name), cell = document.getElementById(name);
+const found = {screen: [innerWidth, innerHeight],
+               link_on_first_screen: !!link && link.textContent === caseId && inView(link.getBoundingClientRect()),
+               cell_on_first_screen: inView(cell.getBoundingClientRect())};
+if (link) link.click();
+const at = cell.getBoundingClientRect();
+const head = document.querySelector("table.matrix thead").getBoundingClientRect();
+const caseCell = cell.parentElement.querySelector("td.case"), caseAt = caseCell.getBoundingClientRect();
+Object.assign(found, {
+  cell_targeted: document.querySelector(":target") === cell, cell_in_view_after_click: inView(at),
+  header_row_at_top: Math.abs(head.top) < 1, cell_below_header_row: at.top >= head.bottom - 1,
+  case_column_at_left: Math.abs(caseAt.left) < 1 && caseCell.textContent === caseId,
+  cell_right_of_case_column: at.left >= caseAt.right - 1, scrolled: [scrollX, scrollY],
+  cell_at: [at.left, at.top], header_row_bottom: head.bottom, case_column_right: caseAt.right});
+document.body.setAttribute("data-check", JSON.stringify(found));
+</script></body>"""
+
+
+def _chromium():
+    """Chromium, which ./check --self-test installs; missing, a skip says why (a failure in CI)."""
     browser = shutil.which("chromium")
-    if not browser:
-        pytest.skip("chromium is not installed (Debian package chromium)")
-    check("selftest/001", "selftest/004", *ONE_STACK, selftest=True)
-    shot = str(tmp_path / "report.png")
-    done = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                           "--no-first-run", "--disable-background-networking", "--disable-component-update",
-                           "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,600",
-                           f"--screenshot={shot}", "file://" + os.path.join(check.section_dir(), "report.html")],
-                          capture_output=True, text=True, timeout=120)
-    assert os.path.getsize(shot) > 5000, done.stderr
+    if browser:
+        return browser
+    why = f"chromium is not installed (Debian package chromium): {bootstrap.why_not_installed('chromium')}"
+    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+        pytest.fail(why + "; CI runs this check", pytrace=False)
+    pytest.skip(why)
+
+
+def _browse(browser, profile, *args):
+    done = subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+                           f"--window-size={SCREEN[0]},{SCREEN[1]}", *args], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+FAILING = ("stack/020", "overlay_metacopy", "ext4")
+
+
+def _red_run(results_dir):
+    """A run of 44 cases on 30 stack x underlay columns (1,320 cells) whose one failure,
+    FAILING, lies below and right of what a screen holds."""
+    run = res.Results(results_dir, "6.18.0-test", "6.18.0-test")
+    for n in range(44):
+        case_id = f"stack/{n + 1:03d}"
+        for stack in ("fuse-shift", "fuse-union", "idmapped", "overlay", "overlay_metacopy",
+                      "overlay_volatile"):
+            for fs in ("btrfs", "ext4", "ext4-zram", "tmpfs", "xfs"):
+                outcome, reason, out_bad = res.PASS, "", ""
+                if stack == "idmapped" and fs == "tmpfs":
+                    outcome, reason = res.NOTRUN, "idmapped tmpfs: EINVAL"
+                elif stack.startswith("overlay") and 10 <= n < 16:
+                    outcome, reason = res.XFAIL, "changes to overlayfs' layers while mounted are undefined"
+                elif (case_id, stack, fs) == FAILING:
+                    outcome = res.FAIL
+                    reason = "S3 F1: read F after the rename: expected the new md5, got the old"
+                    out_bad = reason + "\n"
+                run.add(res.CaseResult(case_id=case_id, param=f"{stack}-{fs}", outcome=outcome, reason=reason,
+                                       title=f"Scenario {n + 1} through the stack", bug="LP#1879196",
+                                       stack=stack, underlay=fs, full=f"{case_id} on {stack} over {fs}\n",
+                                       out_bad=out_bad))
+    run.finish()
+    return run.dir
+
+
+def test_report_renders_in_a_real_browser(tmp_path):
+    """After a red run the failing cell is one click from the first screen; the click
+    brings it into view with the header row and the case column beside it."""
+    browser = _chromium()
+    section = _red_run(str(tmp_path / "results"))
+    page = report.write(section, str(tmp_path / "results"))
+    failing = f"{FAILING[0]}[{FAILING[1]}-{FAILING[2]}]"
+    with open(page) as f:
+        text = f.read()
+    checking = os.path.join(section, "report-check.html")  # beside it, so that relative links resolve
+    with open(checking, "w") as f:
+        f.write(text.replace("</body>", CHECK_SCRIPT % {"name": json.dumps(failing),
+                                                         "case": json.dumps(FAILING[0])}))
+    shot = os.path.join(section, "report-check.png")
+    _browse(browser, tmp_path / "profile", f"--screenshot={shot}", "file://" + page)
+    dom = _browse(browser, tmp_path / "profile", "--dump-dom", "file://" + checking)
+    found = re.search(r'data-check="([^"]*)"', dom)
+    assert found, f"the check script did not run (screenshot of the first screen: {shot})"
+    found = json.loads(html.unescape(found.group(1)))
+    expected = {"link_on_first_screen": True, "cell_on_first_screen": False, "cell_targeted": True,
+                "cell_in_view_after_click": True, "header_row_at_top": True, "cell_below_header_row": True,
+                "case_column_at_left": True, "cell_right_of_case_column": True}
+    assert {k: found[k] for k in expected} == expected, \
+        f"report.html on a {found['screen']} screen: {found} (screenshot of the first screen: {shot})"
+    assert os.path.getsize(shot) > 5000, shot
