@@ -2,15 +2,19 @@
 in overlayfs' on-disk format, so the same layers mount with kernel overlayfs.
 
 Documentation/filesystems/overlayfs.rst is the model:
+- the lower directories stack as overlayfs' lowerdir=a:b, the leftmost on top;
 - a name in a higher layer hides the same name below; a whiteout (a 0/0
-  character device) in the upper layer hides it and shows nothing;
+  character device) in a higher layer hides it and shows nothing;
 - a directory marked opaque (xattr trusted.overlay.opaque = "y", or
   user.overlay.opaque with userxattr) hides everything below it;
+- a name is looked up only in the layers its parent directory was merged
+  from, so nothing of a lower layer shows below an opaque or upper-only
+  directory, at any depth;
 - a lower object is copied up before anything changes it (open for write,
   truncate, chmod, chown, utimes, setxattr, link), with its data, owner,
   mode, times and xattrs, parent directories first;
 - renaming a lower directory fails with EXDEV, as overlayfs does without
-  redirect_dir.
+  redirect_dir; an upper-only directory moved into a merged one is made opaque.
 Nodes know their merged path; inode numbers stay the same across copy-up for
 as long as the daemon runs.
 """
@@ -59,9 +63,13 @@ class UnionFS(ShiftFS):
             return False
 
     def _dir_layers(self, rel):
-        """The layers whose directory rel is merged into the view, top first."""
+        """The layers whose directory rel is merged into the view, top first.
+        As overlayfs, a name is looked up only in the layers its parent was merged
+        from: below an opaque or upper-only directory no lower layer shows, at any depth."""
+        if not rel:
+            return list(range(len(self.layers)))
         found = []
-        for layer in range(len(self.layers)):
+        for layer in self._dir_layers(os.path.dirname(rel)):
             st = _lstat(self._real(layer, rel))
             if st is None:
                 continue
@@ -74,8 +82,7 @@ class UnionFS(ShiftFS):
 
     def _resolve(self, rel):
         """(layer, stat) of the object the view shows at rel, or None."""
-        parent = os.path.dirname(rel)
-        for layer in self._dir_layers(parent) if parent else range(len(self.layers)):
+        for layer in self._dir_layers(os.path.dirname(rel)):
             st = _lstat(self._real(layer, rel))
             if st is None:
                 continue
@@ -84,8 +91,7 @@ class UnionFS(ShiftFS):
 
     def _in_lower(self, rel):
         """Whether a lower layer shows something at rel (so removing it needs a whiteout)."""
-        parent = os.path.dirname(rel)
-        for layer in (self._dir_layers(parent) if parent else range(len(self.layers))):
+        for layer in self._dir_layers(os.path.dirname(rel)):
             if layer == 0:
                 continue
             st = _lstat(self._real(layer, rel))
@@ -275,33 +281,35 @@ class UnionFS(ShiftFS):
         if found is None:
             raise FUSEError(errno.ENOENT)
         is_dir = stat.S_ISDIR(found[1].st_mode)
-        if target is not None and stat.S_ISDIR(target[1].st_mode):
-            if not is_dir:
-                raise FUSEError(errno.EISDIR)
-            if self._merged_names(new):
-                raise FUSEError(errno.ENOTEMPTY)
-        elif target is not None and is_dir:
-            raise FUSEError(errno.ENOTDIR)
+        target_is_dir = target is not None and stat.S_ISDIR(target[1].st_mode)
+        if target is not None and target_is_dir != is_dir:
+            raise FUSEError(errno.ENOTDIR if is_dir else errno.EISDIR)
         if is_dir and any(layer > 0 for layer in self._dir_layers(old)):
             raise FUSEError(errno.EXDEV)  # a merged or lower directory: overlayfs without redirect_dir
+        # A target directory with lower layers must look empty (checked after EXDEV, as
+        # overlayfs does); an upper-only one is left to the upper filesystem's rename.
+        target_merged = target_is_dir and any(layer > 0 for layer in self._dir_layers(new))
+        if target_merged and self._merged_names(new):
+            raise FUSEError(errno.ENOTEMPTY)
         node = self._node(old, found[0])
         try:
             self._copy_up(node)
             old_in_lower = self._in_lower(old)
             dest = os.path.join(self._upper_dir(os.path.dirname(new)), os.fsdecode(name_new))
+            if is_dir and any(layer > 0 for layer in self._dir_layers(os.path.dirname(new))):
+                # A directory moved into a merged one must not show what the lower layers
+                # have under its new name.  Marked before the move, as overlayfs does: a
+                # move the upper filesystem refuses (ENOTEMPTY) leaves the mark.
+                os.setxattr(self._real(0, old), self.opaque_xattr, b"y")
             in_the_way = _lstat(dest)
             if is_dir and in_the_way is not None:
-                if stat.S_ISDIR(in_the_way.st_mode):  # an empty merged directory: whiteouts only
+                if target_merged:  # empty in the view: whiteouts only
                     for entry in os.scandir(dest):
                         os.unlink(entry.path)
                     os.rmdir(dest)
-                else:
+                elif not stat.S_ISDIR(in_the_way.st_mode):
                     os.unlink(dest)  # a whiteout where the directory goes
             os.rename(self._real(0, old), dest)
-            if is_dir and any(layer > 0 for layer in self._dir_layers(os.path.dirname(new))):
-                # as overlayfs: a directory moved into a merged one must not show what
-                # the lower layers have under its new name
-                os.setxattr(dest, self.opaque_xattr, b"y")
             if old_in_lower:
                 self._whiteout(old)
             for other in self.nodes.values():  # nodes under the old name move with it
@@ -320,6 +328,9 @@ class UnionFS(ShiftFS):
         return await super().setxattr(inode, name, value, ctx)
 
     async def removexattr(self, inode, name, ctx):
+        if self.nodes[inode].layer != 0:
+            # as overlayfs: an xattr the lower object lacks is ENODATA, with no copy-up
+            await self.getxattr(inode, name, ctx)
         self._copy_up(self.nodes[inode])
         return await super().removexattr(inode, name, ctx)
 
