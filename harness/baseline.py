@@ -88,7 +88,18 @@ def compare_files(baseline, candidate):
     comparison = compare(base_cases, cand_cases)
     head = (f"Baseline: {base_path} (kernel {base_props.get('kernel', '?')}) -> "
             f"{cand_path} (kernel {cand_props.get('kernel', '?')})")
-    return [head] + comparison.lines(), comparison
+    return [head] + module_differences(base_props, cand_props) + comparison.lines(), comparison
+
+
+def module_differences(base_props, cand_props):
+    """Lines for the modules under test (result.xml's module.* properties) that
+    differ between the runs: their code is part of what was compared."""
+    def modules(props):
+        return {k.removeprefix("module."): v for k, v in props.items() if k.startswith("module.")}
+    before, after = modules(base_props), modules(cand_props)
+    own = "the kernel's own"
+    return [f"Module {name} differs: baseline: {before.get(name, own)}; candidate: {after.get(name, own)}"
+            for name in sorted(set(before) | set(after)) if before.get(name) != after.get(name)]
 
 
 def merge(paths, out):

@@ -10,6 +10,9 @@ Bad input gets one line on stderr and status 2, before anything is mounted.
 """
 
 import argparse
+import contextlib
+import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -18,10 +21,10 @@ import sys
 
 import pytest
 
-from harness import expunge, report, rundir, scratch, stacks
+from harness import expunge, kmod, modules, report, rundir, scratch, stacks, vm
 from harness.baseline import compare_files
 from harness.stacks import command as command_stacks
-from harness.probe import run_probe
+from harness.probe import MODULES_MANIFEST_ENV, run_probe
 from harness.results import find_xml, unusable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,17 +85,21 @@ def parse(argv):
                    help="count known gaps (rules no kernel release keeps yet, harness/errseq.py) as failures")
     p.add_argument("--baseline", metavar="RESULTS|XML",
                    help="compare with an earlier run: exit 1 only for regressions")
-    p.add_argument("--kernel", metavar="SPEC",
-                   help="run on another kernel in QEMU: a vmlinuz (with --modules), a .deb, or a Debian package name")
+    p.add_argument("--kernel", action="append", default=[], metavar="SPEC",
+                   help="run on another kernel in QEMU: a vmlinuz (with --modules), a .deb, or a Debian package "
+                        "name; or several .deb files (repeat --kernel) or a directory of them, as Ubuntu splits a kernel")
     p.add_argument("--modules", metavar="DIR", help="with --kernel VMLINUZ: its lib/modules/<release>")
+    p.add_argument("--module", action="append", default=[], dest="module_sources", metavar="SRC",
+                   help="a kernel module under test, built from source and loaded for the run (repeatable): a DKMS "
+                        "or Kbuild tree, or linux-source:PATH[+PATCH...] (the target kernel's own source, patched)")
     p.add_argument("--guest-timeout", type=int, default=3600, metavar="SECONDS",
                    help="with --kernel: the whole guest run's time limit")
     p.add_argument("--kernel-append", default="", help=argparse.SUPPRESS)  # tests: a panicking command line
     p.add_argument("--self-test", action="store_true", help="run stackcheck's own tests (tests/)")
     args = p.parse_args(argv)
     args.extra = self_test_args if args.self_test else extra
-    args.guest_argv = _without(argv, ("--kernel", "--modules", "--guest-timeout", "--kernel-append", "--results",
-                                      "--baseline", "--expunge"))
+    args.guest_argv = _without(argv, ("--kernel", "--modules", "--module", "--guest-timeout", "--kernel-append",
+                                      "--results", "--baseline", "--expunge"))
     if extra:
         args.guest_argv += ["--", *extra]
     if args.jobs < 1:
@@ -219,8 +226,15 @@ def run(args):
         raise UsageError(str(e)) from None
     if args.fail_loop < 0:
         raise UsageError("-C takes a number of at least 0")
+    try:
+        sources = [modules.parse(spec) for spec in args.module_sources]
+    except modules.ModuleError as e:
+        raise UsageError(str(e)) from None
     if args.kernel:
-        return _run_in_guest(args)
+        return _run_in_guest(args, sources)
+    if sources and kmod.unavailable():
+        raise UsageError(f"--module needs module loading, and {kmod.unavailable()}: "
+                         f"run it in a guest with --kernel SPEC")
     for line in rundir.recover_leftovers(os.environ.get("STACKCHECK_RUN_BASE")):
         print(f"stackcheck: {line}", file=sys.stderr)
     signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -229,49 +243,82 @@ def run(args):
     except (OSError, RuntimeError) as e:
         raise UsageError(str(e)) from None
     try:
-        probe = run_probe(run_dir.sub("probe"))
-        with open(os.path.join(run_dir.path, "probe.json"), "w") as f:
-            f.write(probe.to_json())
-        if args.probe:
-            print(probe.table())
-            return 0
-        _check_explicit_requests(args, probe)
-        selection = _select(args, run_dir, probe, expunges)
-        if args.dry_run:
-            for info, variant, fs, reason in selection:
-                name = f"{info.case_id} [{variant}-{fs}]"
-                print(f"{name:<36} {'not run: ' + reason if reason else 'would run'}")
-            print(f"{sum(1 for s in selection if not s[3])} of {len(selection)} would run")
-            return 0
-        pargs = _pytest_args(args, run_dir) + ["--check-progress", "-qq", "--tb=no", "-rN"]
-        if args.jobs > 1:
-            pargs += ["-n", str(args.jobs)]
-        if args.fail_loop:
-            pargs += ["--reruns", str(args.fail_loop)]
-        code = pytest.main(pargs + args.extra)
-        if code == pytest.ExitCode.NO_TESTS_COLLECTED:
-            print("no case selected")
-            return 0
-        if code not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):
-            return USAGE_ERROR
-        if baseline_xml:
-            section = os.path.join(args.results, args.section or probe.kernel)
-            lines, comparison = compare_files(baseline_xml, section)
-            print("\n".join(lines))
-            report.write(section, args.results, extra_xml=[baseline_xml])
-            return 1 if comparison.failed else 0
-        return 0 if code == pytest.ExitCode.OK else 1
+        with contextlib.ExitStack() as loaded:
+            if sources:
+                try:
+                    loaded.enter_context(kmod.HostModules(_build_for_host(sources, args, run_dir)))
+                except (modules.ModuleError, kmod.KmodError) as e:
+                    raise UsageError(str(e)) from None
+            return _run_on_host(args, run_dir, expunges, baseline_xml)
     finally:
         for what in run_dir.remove():
             print(f"stackcheck: teardown left {what} behind; removed it", file=sys.stderr)
 
 
-def _run_in_guest(args):
-    """The same run inside a guest booted from another kernel (harness/vm.py)."""
-    from harness import vm
+def _build_for_host(sources, args, run_dir):
+    """The modules built for the running kernel; the probe (in every worker)
+    finds them through their manifest."""
+    release = os.uname().release
+    log_path = os.path.join(os.path.abspath(args.results), args.section or release, "build.log")
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    built = [m for source in sources for m in modules.build(source, release, None, log_path)]
+    manifest = os.path.join(run_dir.path, "modules.json")
+    with open(manifest, "w") as f:
+        json.dump([dataclasses.asdict(m) for m in built], f)
+    os.environ[MODULES_MANIFEST_ENV] = manifest
+    return built
+
+
+def _run_on_host(args, run_dir, expunges, baseline_xml):
+    """The run in this kernel: probe, select, pytest, the baseline comparison."""
+    probe = run_probe(run_dir.sub("probe"))
+    with open(os.path.join(run_dir.path, "probe.json"), "w") as f:
+        f.write(probe.to_json())
+    if args.probe:
+        print(probe.table())
+        return 0
+    _check_explicit_requests(args, probe)
+    selection = _select(args, run_dir, probe, expunges)
+    if args.dry_run:
+        for info, variant, fs, reason in selection:
+            name = f"{info.case_id} [{variant}-{fs}]"
+            print(f"{name:<36} {'not run: ' + reason if reason else 'would run'}")
+        print(f"{sum(1 for s in selection if not s[3])} of {len(selection)} would run")
+        return 0
+    pargs = _pytest_args(args, run_dir) + ["--check-progress", "-qq", "--tb=no", "-rN"]
+    if args.jobs > 1:
+        pargs += ["-n", str(args.jobs)]
+    if args.fail_loop:
+        pargs += ["--reruns", str(args.fail_loop)]
+    code = pytest.main(pargs + args.extra)
+    if code == pytest.ExitCode.NO_TESTS_COLLECTED:
+        print("no case selected")
+        return 0
+    if code not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED):
+        return USAGE_ERROR
+    if baseline_xml:
+        section = os.path.join(args.results, args.section or probe.kernel)
+        lines, comparison = compare_files(baseline_xml, section)
+        print("\n".join(lines))
+        report.write(section, args.results, extra_xml=[baseline_xml])
+        return 1 if comparison.failed else 0
+    return 0 if code == pytest.ExitCode.OK else 1
+
+
+def _run_in_guest(args, sources):
+    """The same run inside a guest booted from another kernel (harness/vm.py), with
+    the modules under test built for that kernel."""
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    run_dir = rundir.RunDir.create(os.environ.get("STACKCHECK_RUN_BASE"))
     results_dir = os.path.abspath(args.results)
+    what = " ".join(args.kernel)
+    try:
+        kernel = vm.resolve_kernel(args.kernel, args.modules)
+        log_path = os.path.join(results_dir, kernel.release, "build.log")
+        os.makedirs(os.path.dirname(log_path), exist_ok=True)
+        built = [m for source in sources for m in modules.build(source, kernel.release, kernel.version or None, log_path)]
+    except (vm.GuestError, modules.ModuleError, OSError, subprocess.CalledProcessError) as e:
+        raise UsageError(f"--kernel {what}: {e}") from None
+    run_dir = rundir.RunDir.create(os.environ.get("STACKCHECK_RUN_BASE"))
     # The guest sees the host's root, less its /tmp (a tmpfs there), and the results
     # directory as /mnt: files the run reads go there.
     shared, guest_argv = [], list(args.guest_argv)
@@ -283,10 +330,10 @@ def _run_in_guest(args):
         shared.append(copy)
         guest_argv += [option, "/mnt/" + os.path.basename(copy)]
     try:
-        return vm.run(args.kernel, guest_argv, results_dir, run_dir.sub("vm"),
-                      modules=args.modules, timeout=args.guest_timeout, append=args.kernel_append)
+        return vm.run(kernel, guest_argv, results_dir, run_dir.sub("vm"),
+                      built=built, timeout=args.guest_timeout, append=args.kernel_append)
     except (vm.GuestError, OSError, subprocess.CalledProcessError) as e:
-        raise UsageError(f"--kernel {args.kernel}: {e}") from None
+        raise UsageError(f"--kernel {what}: {e}") from None
     finally:
         for copy in shared:
             os.unlink(copy)

@@ -45,6 +45,11 @@ PROMISES = (
             f"what {THREAD} asks of every stack",
             gap="the kernel sends syncfs to a FUSE server only for virtiofs (FUSE_SYNCFS, 5.15: fc->sync_fs), "
                 "so a FUSE stack never sees it"),
+    Promise("syncfs", "shiftfs", None,
+            "syncfs through shiftfs reports the underlying filesystem's writeback error once to each fd",
+            f"what {THREAD} asks of every stack",
+            gap="shiftfs has no sync_fs (shiftfs_super_ops): syncfs through it neither writes the underlying "
+                "filesystem back nor reads its writeback errseq, so its own superblock records no error"),
     Promise("syncfs", "*", (5, 8, 0),
             "syncfs(fd) reports the filesystem's writeback error once to each fd",
             "commit 735e4ae5ba28 (vfs: track per-sb writeback errors and report them to syncfs)",

@@ -30,6 +30,11 @@ OVERLAY_OPTIONS = {
 }
 
 
+# Where the run finds the modules stackcheck built and loaded for it (a JSON list of
+# harness/modules.BuiltModule fields), set by the guest's boot or by the host's loader.
+MODULES_MANIFEST_ENV = "STACKCHECK_MODULES"
+
+
 def kernel_version(release):
     """(major, minor, patch) of a release string such as 6.18.44-foo."""
     parts = []
@@ -49,6 +54,7 @@ class Probe:
     filesystems: list
     features: dict = field(default_factory=dict)  # name -> {"ok": bool, "detail": str}
     tools: dict = field(default_factory=dict)      # name -> path or None
+    modules: list = field(default_factory=list)    # modules under test: built, then as the kernel sees them
 
     def feature(self, name):
         return self.features.get(name, {}).get("ok", False)
@@ -65,12 +71,24 @@ class Probe:
 
     def to_json(self):
         return json.dumps({"kernel": self.kernel, "filesystems": self.filesystems,
-                           "features": self.features, "tools": self.tools}, sort_keys=True)
+                           "features": self.features, "tools": self.tools, "modules": self.modules}, sort_keys=True)
 
     @classmethod
     def from_json(cls, text):
         data = json.loads(text)
-        return cls(data["kernel"], data["filesystems"], data["features"], data["tools"])
+        return cls(data["kernel"], data["filesystems"], data["features"], data["tools"], data.get("modules", []))
+
+    def module_lines(self):
+        """One line per module under test, for every report: where its code came
+        from, the file that was built and what the kernel loaded."""
+        lines = []
+        for m in self.modules:
+            patches = "".join(f"; {name} sha256 {digest[:12]}" for name, digest in m.get("patches", ()))
+            loaded = (f"loaded srcversion {m['loaded_srcversion']}" if m.get("loaded_srcversion")
+                      else "NOT LOADED")
+            lines.append(f"{m['name']}: {m['source']}{patches}; source sha256 {m['source_hash'][:12]}; "
+                         f"vermagic {m['vermagic'].strip()}; srcversion {m['srcversion']}; {loaded}; taint {m['taint']}")
+        return lines
 
     def table(self):
         """The probe as the text table `./check --probe` prints."""
@@ -94,6 +112,8 @@ class Probe:
                        if "@" in n and not e["ok"]]
             if reasons:
                 lines += ["", "why not:"] + reasons
+        if self.modules:
+            lines += ["", "modules under test"] + [f"  {line}" for line in self.module_lines()]
         lines += ["", "tools"]
         lines += [f"  {name:<22}{path or 'not found'}" for name, path in sorted(self.tools.items())]
         return "\n".join(lines)
@@ -208,6 +228,27 @@ def _probe_userns(probe):
         probe.set("userns", False, f"cannot create a user namespace: {_errname(e)}")
 
 
+def _modules_under_test():
+    """The manifest of built modules, with the kernel's own word on each: the
+    srcversion it loaded (proof that it is ours, not the in-tree one) and the
+    taint after loading."""
+    path = os.environ.get(MODULES_MANIFEST_ENV)
+    if not path:
+        return []
+    with open(path) as f:
+        built = json.load(f)
+    with open("/proc/sys/kernel/tainted") as f:
+        taint = f.read().strip()
+    for module in built:
+        try:
+            with open(f"/sys/module/{module['name'].replace('-', '_')}/srcversion") as f:
+                module["loaded_srcversion"] = f.read().strip()
+        except OSError:
+            module["loaded_srcversion"] = ""
+        module["taint"] = taint
+    return built
+
+
 def _probe_devices(probe):
     for name, path in (("loop", "/dev/loop-control"), ("fuse", "/dev/fuse")):
         try:
@@ -232,6 +273,7 @@ def run_probe(workdir, filesystems=scratch.UNDERLAY_FILESYSTEMS):
     stack_programs = [c for v in stacks.variants() for c in stacks.stack_class(v).commands(v)]
     probe.tools = {tool: shutil.which(tool) for tool in (*TOOLS, *stack_programs)}
     probe.set("root", os.geteuid() == 0, "" if os.geteuid() == 0 else "not running as root")
+    probe.modules = _modules_under_test()
     _probe_devices(probe)
     _probe_pyfuse3(probe)
     _probe_userns(probe)

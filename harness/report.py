@@ -116,14 +116,25 @@ def _counts(cases):
     return {name: sum(1 for c in cases if c.outcome == name) for name in names}
 
 
+def _modules(section_dir):
+    """The modules under test that the run loaded (result.xml's module.* properties):
+    which code produced these results."""
+    xml = os.path.join(section_dir or "", "result.xml")
+    if not os.path.isfile(xml):
+        return []
+    props, _ = res.read_xml(xml)
+    return [line for name, line in sorted(props.items()) if name.startswith("module.")]
+
+
 def _runs(sections):
     out = ['<ul class="runs">']
-    for label, _, cases in sections:
+    for label, directory, cases in sections:
         lines = res.summary_lines(label, cases)
         counts = _counts(cases).items()
         chips = " ".join(_chip(name, f"{_outcome(name).label} {n}") for name, n in counts if n)
+        modules = "".join(f'<br><small class="module">module {html.escape(m)}</small>' for m in _modules(directory))
         out.append(f"<li><details><summary><b>{html.escape(label)}</b>: {html.escape(lines[-1])} {chips}"
-                   f"</summary><pre>{html.escape(chr(10).join(lines[1:]))}</pre></details></li>")
+                   f"{modules}</summary><pre>{html.escape(chr(10).join(lines[1:]))}</pre></details></li>")
     out.append("</ul>")
     return out
 

@@ -110,6 +110,8 @@ class Results:
         if self.probe is not None:
             for name, entry in sorted(self.probe.features.items()):
                 props[f"probe.{name}"] = "yes" if entry["ok"] else f"no: {entry['detail']}"
+            for module, line in zip(self.probe.modules, self.probe.module_lines()):
+                props[f"module.{module['name']}"] = line
         return props
 
     def finish(self, interrupted=False):

@@ -2,7 +2,11 @@
 
 SPEC is a vmlinuz (with --modules DIR: its lib/modules/<release>), a kernel
 .deb, or a Debian package name (fetched with `apt-get download`, unpacked with
-dpkg-deb, never installed).  The guest boots a small initramfs of our own:
+dpkg-deb, never installed); or several .deb files, or a directory of them, that
+together make one kernel, as Ubuntu ships it (linux-image-unsigned-*,
+linux-modules-*, linux-modules-extra-*).  Modules built for the test
+(harness/modules.py) are loaded after the kernel's own, a built module named
+like one of the kernel's instead of it.  The guest boots a small initramfs of our own:
 busybox, and the kernel's own modules for 9p, virtio, loop, overlay, fuse,
 device-mapper, ext4, xfs and btrfs, loaded in dependency order.  It mounts
 the host's root filesystem read-only over 9p (so the project and its venv
@@ -16,7 +20,9 @@ console ends with exit status 2, its console saved as console.log; QEMU
 never outlives the run.
 """
 
+import hashlib
 import itertools
+import json
 import os
 import re
 import shlex
@@ -25,13 +31,17 @@ import stat
 import subprocess
 import sys
 import time
+import dataclasses
+from dataclasses import dataclass
+
+from harness import probe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "stackcheck", "kernels")
 # crc32c first: libcrc32c, ext4's metadata checksums, xfs and btrfs need the
 # algorithm, which modinfo names only as a soft dependency.
 MODULES = ("crc32c_generic", "virtio_pci", "9pnet_virtio", "9p", "loop", "overlay", "fuse", "dm-mod", "dm-flakey", "dm-delay",
-           "ext4", "xfs", "btrfs")
+           "ext4", "xfs", "btrfs", "zram")
 BUSYBOX = "/bin/busybox"
 PACKAGES = {"qemu-system-x86_64": "qemu-system-x86", BUSYBOX: "busybox-static"}
 
@@ -67,12 +77,31 @@ def ensure_tools():
 
 
 # -- the kernel ------------------------------------------------------------------------
-def _unpack_deb(deb):
-    target = os.path.join(CACHE, os.path.basename(deb)[:-4])
-    if not os.path.isdir(os.path.join(target, "lib", "modules")):
+@dataclass(frozen=True)
+class Kernel:
+    vmlinuz: str
+    modules_dir: str   # lib/modules/<release>
+    release: str
+    version: str = ""  # the image package's Debian version, when it came as a package
+
+
+def _unpack_debs(debs):
+    """Unpack one or more .deb files into one tree of the cache (a kernel split over
+    several packages becomes whole there); the tree's path."""
+    names = sorted(os.path.basename(d)[:-4] for d in debs)
+    key = names[0] if len(names) == 1 else "split-" + hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+    target = os.path.join(CACHE, key)
+    done = os.path.join(target, ".stackcheck-unpacked")
+    if not os.path.exists(done):
         os.makedirs(target, exist_ok=True)
-        subprocess.run(["dpkg-deb", "-x", deb, target], check=True)
+        for deb in debs:
+            subprocess.run(["dpkg-deb", "-x", deb, target], check=True)
+        open(done, "w").close()
     return target
+
+
+def _deb_version(deb):
+    return subprocess.run(["dpkg-deb", "-f", deb, "Version"], capture_output=True, text=True).stdout.strip()
 
 
 def _download(package):
@@ -94,19 +123,47 @@ def _download(package):
     return os.path.join(CACHE, sorted(found)[-1])
 
 
-def resolve_kernel(spec, modules=None):
-    """(vmlinuz, modules dir lib/modules/<release>, release) for a SPEC."""
-    if os.path.isfile(spec) and not spec.endswith(".deb"):
+def _debs(specs):
+    """The .deb files that SPECs name: files, directories of them, a package name."""
+    debs = []
+    for spec in specs:
+        if os.path.isdir(spec):
+            found = sorted(os.path.join(spec, f) for f in os.listdir(spec) if f.endswith(".deb"))
+            if not found:
+                raise GuestError(f"{spec}: a directory with no .deb file")
+            debs += found
+        elif spec.endswith(".deb"):
+            if not os.path.isfile(spec):
+                raise GuestError(f"{spec}: no such file")
+            debs.append(spec)
+        elif len(specs) == 1:
+            debs.append(_download(spec))
+        else:
+            raise GuestError(f"{spec}: with several --kernel, each must be a .deb file or a directory of them")
+    return debs
+
+
+def resolve_kernel(specs, modules=None):
+    """The Kernel that SPECs (one or more --kernel values) name."""
+    specs = [specs] if isinstance(specs, str) else list(specs)
+    if len(specs) == 1 and os.path.isfile(specs[0]) and not specs[0].endswith(".deb"):
         if not modules:
             raise GuestError("--kernel VMLINUZ needs --modules DIR (the kernel's lib/modules/<release>)")
-        return spec, modules, os.path.basename(os.path.normpath(modules))
-    root = _unpack_deb(spec if spec.endswith(".deb") else _download(spec))
-    releases = os.listdir(os.path.join(root, "lib", "modules"))
+        return Kernel(specs[0], modules, os.path.basename(os.path.normpath(modules)))
+    debs = _debs(specs)
+    root = _unpack_debs(debs)
+    what = " ".join(specs)
+    releases = os.listdir(os.path.join(root, "lib", "modules")) if os.path.isdir(os.path.join(root, "lib", "modules")) else []
     if len(releases) != 1:
-        raise GuestError(f"{spec}: expected one kernel release in the package, found {releases}")
+        raise GuestError(f"{what}: expected one kernel release in the packages, found {releases or 'none'}")
     release = releases[0]
     vmlinuz = os.path.join(root, "boot", f"vmlinuz-{release}")
-    return vmlinuz, os.path.join(root, "lib", "modules", release), release
+    if not os.path.isfile(vmlinuz):
+        raise GuestError(f"{what}: no boot/vmlinuz-{release} in the packages (the image package is missing)")
+    # The image's own package: the one that holds the vmlinuz.
+    image = debs[0] if len(debs) == 1 else next((d for d in debs if f"./boot/vmlinuz-{release}" in subprocess.run(
+        ["dpkg-deb", "-c", d], capture_output=True, text=True).stdout), debs[0])
+    return Kernel(vmlinuz, os.path.join(root, "lib", "modules", release), release, _deb_version(image))
 
 
 def _module_files(modules_dir):
@@ -124,10 +181,28 @@ def _depends(path):
     return [d.replace("-", "_") for d in found.group(1).decode().split(",") if d] if found else []
 
 
-def module_load_order(modules_dir, wanted=MODULES):
-    """The .ko files for wanted and everything they depend on, dependencies first.
-    Read from each module's own .modinfo: the unpacked package has no modules.dep."""
+def _builtin(modules_dir):
+    try:
+        with open(os.path.join(modules_dir, "modules.builtin")) as f:
+            return {os.path.basename(line.strip())[:-3].replace("-", "_") for line in f}
+    except OSError:
+        return set()
+
+
+def module_load_order(modules_dir, wanted=MODULES, built=()):
+    """The .ko files for wanted and everything they depend on, dependencies first,
+    then the built modules (harness/modules.BuiltModule) after what they depend on.
+    A built module named like one of the kernel's is loaded instead of it, in its
+    place.  Read from each module's own .modinfo: the unpacked package has no
+    modules.dep."""
     files = _module_files(modules_dir)
+    in_kernel = _builtin(modules_dir)
+    for module in built:
+        name = module.name.replace("-", "_")
+        if name in in_kernel:
+            raise GuestError(f"{module.name} is built into {os.path.basename(modules_dir)}: "
+                             f"a module of that name cannot replace it")
+        files[name] = module.path
     order, seen = [], set()
 
     def visit(name):
@@ -138,7 +213,7 @@ def module_load_order(modules_dir, wanted=MODULES):
         for dep in _depends(files[name]):
             visit(dep)
         order.append(files[name])
-    for name in wanted:
+    for name in [*wanted, *(m.name for m in built)]:
         visit(name)
     return order
 
@@ -160,6 +235,7 @@ def _cpio_entry(out, name, mode, data=b""):
 INIT = """#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+mkdir -p /dev/pts; mount -t devpts -o ptmxmode=0666 devpts /dev/pts  # ptys for the real clients (pexpect)
 ip link set lo up  # pytest-xdist and pytest-rerunfailures talk over loopback
 for m in $(cat /modules.order); do insmod "/modules/$m" || echo "stackcheck-guest: insmod $m failed"; done
 mkdir -p /host
@@ -211,18 +287,26 @@ def _accel():
     return name, ACCELS[name]
 
 
-def run(spec, cli_args, results_dir, workdir, modules=None, timeout=3600, append=""):
-    """Boot the kernel, run ./check's cli_args inside; returns the guest run's exit status."""
+MANIFEST = ".guest-modules.json"  # in the results directory: the built modules, for the guest's probe
+
+
+def run(kernel, cli_args, results_dir, workdir, built=(), timeout=3600, append=""):
+    """Boot the Kernel (resolve_kernel) with the built modules loaded, run ./check's
+    cli_args inside; returns the guest run's exit status."""
     ensure_tools()
-    vmlinuz, modules_dir, release = resolve_kernel(spec, modules)
+    release = kernel.release
     section_dir = os.path.join(results_dir, release)
     os.makedirs(section_dir, exist_ok=True)
     initrd = os.path.join(workdir, "initrd.cpio")
-    build_initramfs(initrd, module_load_order(modules_dir))
+    build_initramfs(initrd, module_load_order(kernel.modules_dir, built=built))
+    vmlinuz = kernel.vmlinuz
     exit_file = os.path.join(results_dir, ".guest-exit")
     if os.path.exists(exit_file):
         os.unlink(exit_file)
+    with open(os.path.join(results_dir, MANIFEST), "w") as f:
+        json.dump([dataclasses.asdict(m) for m in built], f)
     inner = ["env", f"PYTHONPATH={ROOT}", "PYTHONDONTWRITEBYTECODE=1", "CI=true", "HOME=/tmp",
+             f"{probe.MODULES_MANIFEST_ENV}=/mnt/{MANIFEST}",
              "PATH=/usr/local/sbin:/usr/sbin:/sbin:/usr/local/bin:/usr/bin:/bin",
              os.path.join(ROOT, ".venv", "bin", "python"), "-m", "harness.cli", "--results", "/mnt", *cli_args]
     with open(os.path.join(results_dir, ".guest-run.sh"), "w") as f:
@@ -264,8 +348,9 @@ def run(spec, cli_args, results_dir, workdir, modules=None, timeout=3600, append
         reason = "timed out" if elapsed >= timeout else "stopped before the cases finished"
         raise GuestError(f"the guest ({release}) {reason} after {elapsed:.0f} s; its console: {console_path}") from None
     finally:
-        if os.path.exists(os.path.join(results_dir, ".guest-run.sh")):
-            os.unlink(os.path.join(results_dir, ".guest-run.sh"))
+        for name in (".guest-run.sh", MANIFEST):
+            if os.path.exists(os.path.join(results_dir, name)):
+                os.unlink(os.path.join(results_dir, name))
     _say(f"guest {release}: booted to the first case in {first_case or 0:.1f} s, ran in {elapsed:.1f} s")
     return status
 

@@ -1,9 +1,13 @@
 """Ubuntu's shiftfs: a marked source, then a shifted mount made inside the container.
 
-As LXD uses it: `mount -t shiftfs -o mark SRC SRC` in the host's namespaces,
-then `mount -t shiftfs SRC MNT` from the container's user and mount namespace.
-The shifted mount exists only there; host processes reach it through the
-holder's /proc/<pid>/root, container processes by joining its namespaces.
+`mount -t shiftfs -o mark SRC MARK` in the host's namespaces, then `mount -t
+shiftfs MARK MNT` from the container's user and mount namespace, as Ubuntu's
+containers did.  The mark has a directory of its own (LXD marks a rootfs in
+place): host processes then edit the underlay itself, which is what the
+scenarios mean by "on the underlay" (a mark is a shiftfs superblock too, and
+refuses mknod of devices).  The shifted mount exists only in the container;
+host processes reach it through the holder's /proc/<pid>/root, container
+processes by joining its namespaces.
 """
 
 import logging
@@ -32,22 +36,24 @@ class Shiftfs(ShiftingStack):
 
     def mount(self):
         self._make_dirs()
-        syscalls.mount(self.source, self.source, "shiftfs", 0, "mark")
+        mark = os.path.join(self.workdir, "mark")
+        os.makedirs(mark, exist_ok=True)
+        syscalls.mount(self.source, mark, "shiftfs", 0, "mark")
         try:
-            self.holder = container.Holder(self.user_map, _mount_shifted, self.source, self.mountpoint)
+            self.holder = container.Holder(self.user_map, _mount_shifted, mark, self.mountpoint)
         except BaseException:
-            mounts.unmount(self.source)
+            mounts.unmount(mark)
             raise
-        log.info("shiftfs: marked %s, shifted mount at %s in container %d",
-                 self.source, self.mountpoint, self.holder.pid)
+        log.info("shiftfs: %s marked at %s, shifted mount at %s in container %d",
+                 self.source, mark, self.mountpoint, self.holder.pid)
         self.mounted = True
 
     def superblock_path(self):
-        return self.source  # the mark; the shifted mount goes with the holder's namespace
+        return os.path.join(self.workdir, "mark")  # the shifted mount goes with the holder's namespace
 
     def _unmount(self):
         self.holder.stop()  # the shifted mount goes with the container's mount namespace
-        mounts.unmount(self.source)
+        mounts.unmount(os.path.join(self.workdir, "mark"))
 
     def path(self, *rel):
         if self.holder is None:
