@@ -124,6 +124,14 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _interrupt_on_signals():
+    """SIGINT and SIGTERM end the run through its teardown.  Set for SIGINT too:
+    a process started in the background by a shell without job control inherits
+    SIGINT ignored, and would then never tear down on it."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _raise_interrupt)
+
+
 def _check_explicit_requests(args, probe):
     """A stack or underlay asked for by name that this machine lacks is an error."""
     underlays = args.underlay or list(scratch.UNDERLAYS)
@@ -237,7 +245,7 @@ def run(args):
                          f"run it in a guest with --kernel SPEC")
     for line in rundir.recover_leftovers(os.environ.get("STACKCHECK_RUN_BASE")):
         print(f"stackcheck: {line}", file=sys.stderr)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    _interrupt_on_signals()
     try:
         run_dir = rundir.RunDir.create(os.environ.get("STACKCHECK_RUN_BASE"))
     except (OSError, RuntimeError) as e:
@@ -308,7 +316,7 @@ def _run_on_host(args, run_dir, expunges, baseline_xml):
 def _run_in_guest(args, sources):
     """The same run inside a guest booted from another kernel (harness/vm.py), with
     the modules under test built for that kernel."""
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    _interrupt_on_signals()
     results_dir = os.path.abspath(args.results)
     what = " ".join(args.kernel)
     try:

@@ -41,7 +41,7 @@ CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cac
 # and still share the 150 MB of headers and source.
 BUILDS = os.path.join(CACHE, "builds")
 # Bumped when the way a build is made changes, so that older cache entries miss.
-BUILDER = 1
+BUILDER = 2
 LINUX_SOURCE = "linux-source:"
 # Kbuild's products: a tree someone built by hand hashes and copies as its source.
 BUILD_PRODUCTS = re.compile(r"\.(o|ko|mod|mod\.c|cmd|a|order|symvers|dwo|tmp)$|^(\.tmp_versions|\.git)$")
@@ -462,7 +462,7 @@ def build(source, release, kernel_version, log_path):
         with _locked(f"build-{key}"):
             if os.path.isfile(os.path.join(done, "built.json")):
                 _say(log, f"cached: {done} (same source, patches and release; no make)")
-                return _load(done)
+                return _load(done, label)
             return _build(source, release, kdir, tree, label, source_hash, patches, done, log, log_path)
 
 
@@ -505,20 +505,25 @@ def _build(source, release, kdir, tree, label, source_hash, patches, done, log, 
                 raise ModuleError(f"--module {source.spec}: {b.name} was built for {made_for}, not kernel "
                                   f"{release} (headers {kdir})")
         with open(os.path.join(work, "built.json"), "w") as f:
-            json.dump([dict(vars(b), path=os.path.relpath(b.path, work)) for b in built], f, indent=1)
+            json.dump([dict(vars(b), path=os.path.relpath(b.path, work), label=label) for b in built], f, indent=1)
         os.rename(work, done)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     for b in built:
         ko = os.path.join(done, os.path.relpath(b.path, work))
         _say(log, f"built {b.name}: {ko} ({b.vermagic.strip()})")
-    return _load(done)
+    return _load(done, label)
 
 
-def _load(done):
+def _load(done, label):
+    """The built modules, their source named as this run names it: the same content
+    may have been built from another path."""
     with open(os.path.join(done, "built.json")) as f:
-        return [BuiltModule(**dict(b, path=os.path.join(done, b["path"]), depends=tuple(b["depends"]),
-                                   patches=tuple(map(tuple, b["patches"])))) for b in json.load(f)]
+        built = json.load(f)
+    for b in built:
+        b["source"] = b["source"].replace(b.pop("label"), label, 1)
+    return [BuiltModule(**dict(b, path=os.path.join(done, b["path"]), depends=tuple(b["depends"]),
+                               patches=tuple(map(tuple, b["patches"])))) for b in built]
 
 
 def _described(ko, text, source_hash, patches, release):

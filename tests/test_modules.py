@@ -162,6 +162,7 @@ def test_a_changed_source_byte_rebuilds(kernel, log, tmp_path):
     (copy,) = modules.build(modules.parse(tree), release, version, log)
     assert copy.source_hash == original.source_hash  # the content is the key, not the place
     assert copy.path == original.path
+    assert copy.source == f"{tree} (dkms shiftfs)"  # but the results name the place it came from
 
     edit(os.path.join(tree, "shiftfs.c"), '"id shifting filesystem"', '"Id shifting filesystem"')
     (changed,) = modules.build(modules.parse(tree), release, version, log)

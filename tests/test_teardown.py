@@ -62,7 +62,7 @@ def test_pass_or_fail_leaves_nothing(check, selftest_case, status):
     done = check(selftest_case, *ONE_STACK, "--section", marker, selftest=True)
     assert done.returncode == status, done.stdout + done.stderr
     assert harness_traces(check.run_base) == NO_TRACES
-    assert processes_of(marker) == []
+    assert processes_of(marker, check.results) == []
     assert run_dirs(check) == []
 
 
@@ -86,7 +86,7 @@ def test_signal_mid_case_tears_down(check, signum):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 2, out + err
     assert harness_traces(check.run_base) == NO_TRACES
-    assert processes_of(marker) == []
+    assert processes_of(marker, check.results) == []
     assert run_dirs(check) == []
 
 
@@ -112,7 +112,7 @@ def test_sigkill_leftovers_are_removed_by_the_next_run(check, stack_kind, underl
     for device in left["zram"]:
         assert f"{dead_run}: removed leftover zram device /dev/{device}" in done.stderr
     assert harness_traces(check.run_base) == NO_TRACES
-    assert processes_of(marker) == []
+    assert processes_of(marker, check.results) == []
     assert run_dirs(check) == []
 
 
