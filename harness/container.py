@@ -44,6 +44,12 @@ CONTAINER_MAP = IdMap()
 OVERFLOW_ID = 65534  # what an unmapped id shows as (/proc/sys/kernel/overflowuid)
 
 
+def die_with_parent():
+    """In a child (a subprocess preexec_fn): be killed when the process that started
+    it dies, however it dies, SIGKILL included."""
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 class ChildFailed(Exception):
     """The child died without reporting (killed, crashed)."""
 

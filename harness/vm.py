@@ -34,7 +34,7 @@ import time
 import dataclasses
 from dataclasses import dataclass
 
-from harness import probe
+from harness import container, probe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "stackcheck", "kernels")
@@ -325,7 +325,9 @@ def run(kernel, cli_args, results_dir, workdir, built=(), timeout=3600, append="
     console_path = os.path.join(section_dir, "console.log")
     first_case = None
     with open(console_path, "wb") as console:
-        proc = subprocess.Popen(qemu, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        # QEMU never outlives the run, even one killed with SIGKILL.
+        proc = subprocess.Popen(qemu, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                preexec_fn=container.die_with_parent)
         try:
             for line in _lines(proc, started + timeout):
                 console.write(line)

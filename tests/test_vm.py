@@ -11,6 +11,9 @@ import pytest
 
 from harness import results as res
 
+# A guest's run has its own time limits (the subprocess's, --guest-timeout); pytest's
+# per-test limit must not cut it first and leave its QEMU behind.
+pytestmark = pytest.mark.timeout(1500)
 KERNEL = "linux-image-amd64"
 ONE = ("stack/001", "--stack", "overlay", "--underlay", "tmpfs")
 
@@ -111,3 +114,18 @@ def test_dm_flakey_drops_writes_in_the_guest(check):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr
     full = open(os.path.join(guest_section(check), "selftest", "008.idmapped-ext4.full")).read()
     assert "faulty device: dm: /dev/mapper/stackcheck-run-" in full
+
+
+def test_qemu_dies_with_a_killed_run(check):
+    """SIGKILL gives ./check no teardown: its QEMU must still not outlive it."""
+    proc = check.start("--kernel", KERNEL, *ONE, "--kernel-append", "rdinit=/bin/busybox -- sleep 3600")
+    results = os.path.realpath(check.results)
+    # QEMU prints the boot firmware's banner as soon as it runs: wait for that, not for a time.
+    for line in proc.stdout:
+        if "SeaBIOS" in line or "Booting" in line:
+            break
+    (guest,) = [psutil.Process(pid) for pid in qemu_processes(results)]
+    proc.kill()
+    proc.communicate()
+    gone, alive = psutil.wait_procs([guest], timeout=60)
+    assert not alive, f"QEMU {guest.pid} outlived its killed run"

@@ -14,6 +14,7 @@ import pytest
 from harness import results as res, vm
 from test_vm import KERNEL, ONE, guest_section, no_qemu_left  # noqa: F401 - the fixture checks every test
 
+pytestmark = pytest.mark.timeout(1500)  # see test_vm.py
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHIFTFS = os.path.realpath(os.path.join(ROOT, "..", "shared", "shiftfs"))
 SYNCFS_PATCH = os.path.join(ROOT, "tests", "patches", "ovl-syncfs-reports-upper-errors.patch")
