@@ -9,7 +9,9 @@ client x style is a case: the host runs the program on the underlay under the
 container's warm reader (fixtures/rename_over.py), which must see the new
 content, size and mtime at once, the backup where the program made one, and
 no ESTALE.  The reverse cases run the program inside the container, through
-the stack, and the host must find the content with the ids mapped.
+the stack, and the host must find the content with the ids mapped; then the
+host saves F by backup-by-rename (F to F~, a new F) and the container saves
+again: its save must land in the new F, and F~ keep the host's backup.
 
 Which client x style catches the stale-dentry bug (the bundled FUSE stack's
 switch, reproducing the shiftfs bug of the report) is the point of the matrix,
@@ -29,20 +31,24 @@ The report saw no bug with vim: vim rewrites in place whenever it makes no
 backup (its default 'backupskip' covers /tmp, for one), and with a backup its
 default renames, as emacs does.  The bug also breaks the reverse direction when
 the container's names are cached stale: 070 (emacs' lock file), 071 (brz init)
-and 073 (git init) fail with it.  tests/test_bug_switches.py holds this matrix
-to account.
+and 073 (git init) fail with it.  The renamed-lower switch (shiftfs as its fix
+left it) turns only the saves that rename F to a backup red (050, 053, 054)
+and every container-side save after the host's backup-by-rename save (070-075:
+the save lands in F~, or moves or removes it, as F still names the file the
+host renamed).  tests/test_bug_switches.py holds this matrix to account.
 """
 
 import os
 import shutil
 
 from fixtures import Bug, Needs, case, check, log, step
-from fixtures.rename_over import rename_over_repro, replace_under_stack
+from fixtures.rename_over import judge, read_md5, rename_over_repro, replace_under_stack
 from harness import clients
 
 LP1879196 = Bug("shiftfs: a file edited on the host with emacs or bzr revert keeps its old content in the container",
                 lp=1879196, link="https://bugs.launchpad.net/bugs/1879196")
 OLD = b"version A, as the host wrote it\n"
+HOST_SAVE = b"version C, saved on the host by backup-by-rename\n"
 FAST = ("auto", "editors", "rename")   # well under a second a save
 SLOW = ("editors", "rename")           # terminal sessions and brz's start-up
 
@@ -97,14 +103,24 @@ def host_edit_case(stack, name, style):
                         prepare=lambda path, old: client.prepare(path, old, new, session))
 
 
-def _edit_in_container(root, name, style, home):
+def _edit_in_container(root, name, style, home, prepare=True):
     client = clients.client(name)
     session = clients.Session(home)
     path = os.path.join(root, "F")
     new = new_content(name, style)
-    with step(f"S4 container: {name} ({style}) edits F through the stack"):
-        client.prepare(path, OLD, new, session)
+    with step(f"S4 container: {name} ({style}) edits F through the stack" if prepare
+              else f"S3 container: {name} ({style}) saves d/F through the stack"):
+        if prepare:
+            client.prepare(path, OLD, new, session)
         return client.save_and_check(path, new, style, session)
+
+
+def _prepare_and_read_in_container(root, name, style, home):
+    os.makedirs(root)
+    path = os.path.join(root, "F")
+    with step(f"S3 container: {name} ({style}) prepares d/F, then d/F is read through the stack"):
+        clients.client(name).prepare(path, OLD, new_content(name, style), clients.Session(home))
+        read_md5(path)
 
 
 def container_edit_case(stack, name, style):
@@ -125,6 +141,49 @@ def container_edit_case(stack, name, style):
         check(data == content, f"S4 host: {rel} holds what {name} saved in the container", f"{data[:60]!r}")
         check((st.st_uid, st.st_gid) == (owner, owner), f"S4 host: {rel} is owned by container root, mapped",
               f"uid/gid {st.st_uid}/{st.st_gid}, expected {owner}/{owner}")
+    save_after_host_backup(stack, name, style, session)
+
+
+def save_after_host_backup(stack, name, style, session):
+    """LP#1879196 after its fix: the container's save of F must land in F, not in F~, after
+    the host saved F by backup-by-rename (on shiftfs F still reached the file renamed to F~,
+    so the container overwrote the host's backup and lost its save).  In d/: the container
+    prepares F and reads it, the host renames F to F~ and writes a new F on the underlay,
+    the container saves F again with the client.  F~ keeps the host's backup unless the
+    client's save made F~ itself (emacs): then it holds the host's save, which the client
+    saved over."""
+    if stack.underlay_changes_undefined:
+        log(f"S3 the host's save under the container's client: not run: {stack.underlay_changes_undefined}")
+        return
+    stack.run(_prepare_and_read_in_container, stack.path("d"), name, style, session.home)
+    path = stack.on_underlay("d", "F")
+    with step("S3 host: rename d/F to d/F~ and write a new d/F on the underlay (emacs' default save)"):
+        os.rename(path, path + "~")
+        with open(path, "wb") as f:
+            f.write(HOST_SAVE)
+    failed = backup = None
+    try:
+        backup = stack.run(_edit_in_container, stack.path("d"), name, style, session.home, False)
+    except clients.ClientFailed as e:  # raised below unless what landed where shows more
+        log(f"S3 container: {e}")
+        failed = e
+    seen = {}
+    for rel in ("F", "F~"):
+        with step(f"S3 host: read d/{rel} on the underlay"):
+            seen[f"d/{rel}"] = True, _content(stack.on_underlay("d", rel))
+    judge(stack, seen, {"d/F": new_content(name, style), "d/F~": HOST_SAVE if backup == "F~" else OLD},
+          f"{name} ({style}) saved F in the container after the host's backup-by-rename save",
+          where="on the underlay")
+    if failed:
+        raise failed
+
+
+def _content(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return "absent"
 
 
 def host_edit_repro(name, style):
@@ -179,4 +238,5 @@ for _id, (_name, _style, _groups) in HOST_EDITS.items():
              "content at once")
 for _id, (_name, _style, _groups) in CONTAINER_EDITS.items():
     _declare(_id, _name, _style, _groups, container_edit_case,
-             f"The container saves with {_name} ({_style}) through the stack; the host sees it, ids mapped")
+             f"The container saves with {_name} ({_style}) through the stack; the host sees it, ids mapped, "
+             "and after its own backup-by-rename save the container's save lands in the new F")

@@ -212,3 +212,183 @@ def test_directory_renamed_on_underlay(stack):
         reader.close()
     _judge_presence(stack, seen, {"read E/F (the renamed directory)": md5(CONTENT_A),
                                   "stat D (the old name)": errno.ENOENT}, "directory rename")
+
+
+
+# -- F renamed away by the host's save still reaches F~: LP#1879196 after its fix ----------------
+CONTENT_C = b"version C, written through the stack\n" * 50
+AFTER_BACKUP_RENAME = "after the host renamed F to F~ and wrote a new F (emacs' default save) on the underlay, "
+
+
+def warm_by_reading(path):
+    """read F whole and stat it"""
+    _read(path)
+    os.stat(path)
+
+
+def warm_by_stat(path):
+    """stat F, no open"""
+    os.stat(path)
+
+
+def overwrite(path):
+    """open F O_WRONLY|O_TRUNC and write"""
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+    try:
+        os.write(fd, CONTENT_C)
+    finally:
+        os.close(fd)
+
+
+def size_mtime_inode(path):
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def _look(path):
+    return {"md5 of F": attempt(f"S3 read {path}", lambda: _read(path)),
+            "size, mtime, inode number of F": attempt(f"S3 stat {path}", lambda: size_mtime_inode(path)),
+            "md5 of F~": attempt(f"S3 read {path}~", lambda: _read(path + "~"))}
+
+
+def _write(path):
+    return {overwrite.__doc__: attempt(f"S3 {overwrite.__doc__} ({path})", lambda: overwrite(path))}
+
+
+def _warm_save_then(channel, directory, path, warm, then):
+    """The container, its cwd in F's directory: warm F, let the host save, then look or write."""
+    os.chdir(directory)
+    with step(f"S3 warm: {warm.__doc__} ({path}) through the stack"):
+        warm(path)
+    channel.send("warm")
+    channel.recv()
+    return then(path)
+
+
+def save_under_warm_reader(stack, path, warm, then):
+    """d/F holds CONTENT_A; the container warms it by warm(path), the host saves it by
+    backup-by-rename, the container does then(path).  What it saw, and the new F's stat."""
+    os.makedirs(stack.host_path("d"))
+    with open(stack.host_path("d", "F"), "wb") as f:
+        f.write(CONTENT_A)
+    layers_laid_out(stack)
+    reader = stack.start(_warm_save_then, stack.path("d"), path, warm, then)
+    try:
+        check(reader.recv() == "warm", "S3 the reader warmed its caches")
+        with step("S3 host: rename F to F~ and write a new F on the underlay (emacs' default save)"):
+            save_backup_rename(stack.host_path("d", "F"))
+            st = os.stat(stack.host_path("d", "F"))
+        reader.send("saved")
+        return reader.result(), st
+    finally:
+        reader.close()
+
+
+def new_f_and_backup(st):
+    """What F and F~ must show after the save, st: the new F's stat on the underlay."""
+    return {"md5 of F": md5(CONTENT_B), "md5 of F~": md5(CONTENT_A),
+            "size, mtime, inode number of F": (st.st_size, st.st_mtime_ns, st.st_ino)}
+
+
+_REPRO_LOOK = """\
+    yield {"md5 of F": attempt(lambda: md5(path)), "md5 of F~": attempt(lambda: md5(path + "~")),
+           "size, mtime, inode number of F": attempt(lambda: size_mtime_inode(path))}
+
+
+user = in_container(reader, PATH)
+user.next()
+save_backup_rename(os.path.join(HOST, "d", "F"))  # the host, on the underlay
+seen = user.next()
+st = os.stat(os.path.join(HOST, "d", "F"))
+show("md5 of F", seen["md5 of F"], hashlib.md5(CONTENT_B).hexdigest())
+show("size, mtime, inode number of F", seen["size, mtime, inode number of F"],
+     (st.st_size, st.st_mtime_ns, st.st_ino))
+show("md5 of F~", seen["md5 of F~"], hashlib.md5(OLD).hexdigest())
+user.close()
+"""
+_REPRO_WRITE = """\
+    yield attempt(lambda: overwrite(path))
+
+
+user = in_container(reader, PATH)
+user.next()
+save_backup_rename(os.path.join(HOST, "d", "F"))  # the host, on the underlay
+show("open F O_WRONLY|O_TRUNC and write through the stack", user.next(), None)
+show("md5 of F on the underlay (the container's write)", md5(os.path.join(HOST, "d", "F")),
+     hashlib.md5(CONTENT_C).hexdigest())
+show("md5 of F~ on the underlay (the host's backup)", md5(os.path.join(HOST, "d", "F~")),
+     hashlib.md5(OLD).hexdigest())
+user.close()
+"""
+
+
+def renamed_away_repro(rule, warm, path_code, then_code, helper):
+    """016-018 outside stackcheck: the container, its cwd in d, warms F (PATH) by warm,
+    the host saves d/F by backup-by-rename, then_code (using helper) writes or looks."""
+    sources = "\n\n\n".join(inspect.getsource(fn).strip() for fn in (save_backup_rename, warm, helper))
+    return Repro(AFTER_BACKUP_RENAME + rule, f"""
+OLD, CONTENT_B, CONTENT_C = {CONTENT_A!r}, {CONTENT_B!r}, {CONTENT_C!r}
+_read = md5
+
+
+{sources}
+
+
+os.makedirs(os.path.join(HOST, "d"))
+with open(os.path.join(HOST, "d", "F"), "wb") as f:
+    f.write(OLD)
+PATH = {path_code}
+
+
+def reader(path):
+    os.chdir(os.path.join(MNT, "d"))
+    {warm.__name__}(path)
+    yield "warm"
+{then_code}""")
+
+
+@case("stack/016", "After the host's backup-by-rename save, a write through the stack to F lands in the "
+      "new F; F~ keeps the old content", GROUPS, bug=LP1879196, repro=renamed_away_repro(
+          "a write through the stack to F (O_WRONLY|O_TRUNC) lands in the new F, and F~ keeps the old content",
+          warm_by_reading, "os.path.join(MNT, 'd', 'F')", _REPRO_WRITE, overwrite))
+def test_write_after_backup_by_rename(stack):
+    """On shiftfs, after the host saved F by renaming it to F~ and writing a new F, the
+    container's write to F (O_TRUNC) landed in F~ and the new F stayed untouched: the
+    container lost its write and overwrote the host's backup.  shiftfs_d_revalidate keeps
+    F's dentry while its lower dentry is hashed and of the same sign, and rename() moved
+    that lower dentry, still hashed and positive, to F~."""
+    seen, _ = save_under_warm_reader(stack, stack.path("d", "F"), warm_by_reading, _write)
+    with step("S3 host: read F and F~ on the underlay"):
+        seen["md5 of F (the container's write)"] = True, _read(stack.on_underlay("d", "F"))
+        seen["md5 of F~ (the host's backup)"] = True, _read(stack.on_underlay("d", "F~"))
+    judge(stack, seen, {"md5 of F (the container's write)": md5(CONTENT_C),
+                        "md5 of F~ (the host's backup)": md5(CONTENT_A)},
+          "backup-by-rename, then the container writes F", where="on the underlay")
+
+
+@case("stack/017", "A name warmed by stat() alone shows the new F after the host's backup-by-rename save",
+      GROUPS, bug=LP1879196, repro=renamed_away_repro(
+          "F through the stack has the new F's content, size, mtime and inode number, and F~ the old content, "
+          "for a reader that had only stat'ed F", warm_by_stat, "os.path.join(MNT, 'd', 'F')", _REPRO_LOOK,
+          size_mtime_inode))
+def test_stat_warmed_name(stack):
+    """On shiftfs a container that had only stat'ed F (no open) saw the old content, size,
+    inode number and mtime after the host's backup-by-rename save, and on every later read:
+    the stat's lookup alone makes the dentry, and shiftfs_d_revalidate keeps it while its
+    lower dentry, moved to F~ by rename(), stays hashed and positive."""
+    seen, st = save_under_warm_reader(stack, stack.path("d", "F"), warm_by_stat, _look)
+    judge(stack, seen, new_f_and_backup(st), "backup-by-rename after a stat-only warm-up")
+
+
+@case("stack/018", "A reader in F's directory, by the name F alone, sees the new F after the host's "
+      "backup-by-rename save", GROUPS, bug=LP1879196, repro=renamed_away_repro(
+          "F through the stack has the new F's content, size, mtime and inode number, and F~ the old content, "
+          "for a reader whose cwd is F's directory and who names it F", warm_by_reading, "'F'", _REPRO_LOOK,
+          size_mtime_inode))
+def test_relative_name_in_cwd(stack):
+    """On shiftfs a reader whose cwd was F's directory, naming it "F", read the old F after
+    the host's backup-by-rename save: the walk starts at the cwd, not the root, but ends at
+    the same dentry of F, which shiftfs_d_revalidate keeps while its lower dentry, moved to
+    F~ by rename(), stays hashed and positive."""
+    seen, st = save_under_warm_reader(stack, "F", warm_by_reading, _look)
+    judge(stack, seen, new_f_and_backup(st), "backup-by-rename, F read by its name relative to the cwd")

@@ -95,11 +95,14 @@ def parse(argv):
     p.add_argument("--guest-timeout", type=int, default=3600, metavar="SECONDS",
                    help="with --kernel: the whole guest run's time limit")
     p.add_argument("--kernel-append", default="", help=argparse.SUPPRESS)  # tests: a panicking command line
+    # tests: a module tree built here for --kernel and given to the guest's own run as
+    # --module, which loads it as on a host with module loading (not at boot)
+    p.add_argument("--guest-module", action="append", default=[], metavar="DIR", help=argparse.SUPPRESS)
     p.add_argument("--self-test", action="store_true", help="run stackcheck's own tests (tests/)")
     args = p.parse_args(argv)
     args.extra = self_test_args if args.self_test else extra
     args.guest_argv = _without(argv, ("--kernel", "--modules", "--module", "--guest-timeout", "--kernel-append",
-                                      "--results", "--baseline", "--expunge"))
+                                      "--guest-module", "--results", "--baseline", "--expunge"))
     if extra:
         args.guest_argv += ["--", *extra]
     if args.jobs < 1:
@@ -168,6 +171,12 @@ class _Collector:
 
     def __init__(self):
         self.items = []  # (Case, variant, fs)
+        self.errors = []  # "<file>: <the error's last line>", for the one line a failed collection gets
+
+    def pytest_collectreport(self, report):
+        if report.failed:
+            lines = str(report.longrepr).strip().splitlines() or ["no details"]
+            self.errors.append(f"{report.nodeid or 'the case directory'}: {lines[-1]}")
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_collection_modifyitems(self, items):
@@ -186,7 +195,8 @@ def _select(args, run_dir, probe, expunges):
     collector = _Collector()
     code = pytest.main(_pytest_args(args, run_dir, with_selection=False) + ["--collect-only", "-p", "no:terminal"], plugins=[collector])
     if code not in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
-        raise UsageError(f"collecting the cases failed (pytest exit status {int(code)})")
+        raise UsageError(f"collecting the cases failed (pytest exit status {int(code)})"
+                         + "".join(f": {error}" for error in collector.errors[:1]))
     problem = selection_problem([info for info, _, _ in collector.items], args.groups, args.exclude, args.cases)
     if problem:
         raise UsageError(problem)
@@ -200,8 +210,10 @@ def _select(args, run_dir, probe, expunges):
 
 def self_test(args):
     os.chdir(ROOT)
+    # Tests named (tests/test_x.py, tests/test_x.py::test_y) run alone; none named, all of tests/.
+    named = any(os.path.exists(a.split("::")[0]) for a in args.extra if not a.startswith("-"))
     os.execv(sys.executable, [sys.executable, "-m", "pytest", "-c", os.path.join(ROOT, "pytest.ini"),
-                              "--rootdir", ROOT, os.path.join(ROOT, "tests"), *args.extra])
+                              "--rootdir", ROOT, *([] if named else [os.path.join(ROOT, "tests")]), *args.extra])
 
 
 def run(args):
@@ -236,15 +248,17 @@ def run(args):
         raise UsageError("-C takes a number of at least 0")
     try:
         sources = [modules.parse(spec) for spec in args.module_sources]
+        guest_sources = [modules.parse(tree) for tree in args.guest_module]
     except modules.ModuleError as e:
         raise UsageError(str(e)) from None
+    if any(s.kind == "linux-source" or s.patches for s in guest_sources) or guest_sources and not args.kernel:
+        raise UsageError("--guest-module takes a module tree (no patches), with --kernel")
     if args.kernel:
-        return _run_in_guest(args, sources)
+        return _run_in_guest(args, sources, guest_sources)
     if sources and kmod.unavailable():
         raise UsageError(f"--module needs module loading, and {kmod.unavailable()}: "
                          f"run it in a guest with --kernel SPEC")
-    for line in rundir.recover_leftovers(os.environ.get("STACKCHECK_RUN_BASE")):
-        print(f"stackcheck: {line}", file=sys.stderr)
+    _recover_leftovers()
     _interrupt_on_signals()
     try:
         run_dir = rundir.RunDir.create(os.environ.get("STACKCHECK_RUN_BASE"))
@@ -263,12 +277,19 @@ def run(args):
             print(f"stackcheck: teardown left {what} behind; removed it", file=sys.stderr)
 
 
+def _recover_leftovers():
+    """What runs killed before their teardown left behind goes first."""
+    for line in rundir.recover_leftovers(os.environ.get("STACKCHECK_RUN_BASE")):
+        print(f"stackcheck: {line}", file=sys.stderr)
+
+
 def _build_for_host(sources, args, run_dir):
     """The modules built for the running kernel; the probe (in every worker)
     finds them through their manifest."""
     release = os.uname().release
     log_path = os.path.join(os.path.abspath(args.results), args.section or release, "build.log")
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    modules.ensure_loading_tools(log_path)
     built = [m for source in sources for m in modules.build(source, release, None, log_path)]
     manifest = os.path.join(run_dir.path, "modules.json")
     with open(manifest, "w") as f:
@@ -313,30 +334,38 @@ def _run_on_host(args, run_dir, expunges, baseline_xml):
     return 0 if code == pytest.ExitCode.OK else 1
 
 
-def _run_in_guest(args, sources):
+def _run_in_guest(args, sources, guest_sources):
     """The same run inside a guest booted from another kernel (harness/vm.py), with
-    the modules under test built for that kernel."""
+    the modules under test built for that kernel (and those for the guest's run to
+    load, built into the cache that the guest reads)."""
     _interrupt_on_signals()
     results_dir = os.path.abspath(args.results)
     what = " ".join(args.kernel)
     try:
-        kernel = vm.resolve_kernel(args.kernel, args.modules)
+        kernel = vm.resolve_kernel(args.kernel, args.modules, complete=lambda release, version: modules.cached(
+            sources + guest_sources, release, version))
         log_path = os.path.join(results_dir, kernel.release, "build.log")
         os.makedirs(os.path.dirname(log_path), exist_ok=True)
         built = [m for source in sources for m in modules.build(source, kernel.release, kernel.version or None, log_path)]
+        if guest_sources:  # built here, so that the guest's build, in a read-only cache, is a hit
+            modules.ensure_loading_tools(log_path)
+            for source in guest_sources:
+                modules.build(source, kernel.release, kernel.version or None, log_path)
     except (vm.GuestError, modules.ModuleError, OSError, subprocess.CalledProcessError) as e:
         raise UsageError(f"--kernel {what}: {e}") from None
+    _recover_leftovers()
     run_dir = rundir.RunDir.create(os.environ.get("STACKCHECK_RUN_BASE"))
     # The guest sees the host's root, less its /tmp (a tmpfs there), and the results
-    # directory as /mnt: files the run reads go there.
+    # directory at its own path: what the run reads is copied there.
     shared, guest_argv = [], list(args.guest_argv)
     inputs = [("--baseline", find_xml(args.baseline))] if args.baseline else []
     inputs += [("--expunge", path) for path in args.expunge]
+    inputs += [("--module", source.path) for source in guest_sources]
     for i, (option, path) in enumerate(inputs):
         copy = os.path.join(results_dir, f".guest-input-{i}-{os.path.basename(path)}")
-        shutil.copyfile(path, copy)
+        (shutil.copytree if os.path.isdir(path) else shutil.copyfile)(path, copy)
         shared.append(copy)
-        guest_argv += [option, "/mnt/" + os.path.basename(copy)]
+        guest_argv += [option, copy]
     try:
         return vm.run(kernel, guest_argv, results_dir, run_dir.sub("vm"),
                       built=built, timeout=args.guest_timeout, append=args.kernel_append)
@@ -344,7 +373,7 @@ def _run_in_guest(args, sources):
         raise UsageError(f"--kernel {what}: {e}") from None
     finally:
         for copy in shared:
-            os.unlink(copy)
+            (shutil.rmtree if os.path.isdir(copy) else os.unlink)(copy)
         run_dir.remove()
 
 

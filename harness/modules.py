@@ -32,8 +32,11 @@ import shlex
 import shutil
 import struct
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
+
+from harness import archive
 
 CACHE = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
                      "stackcheck", "modules")
@@ -47,6 +50,7 @@ LINUX_SOURCE = "linux-source:"
 BUILD_PRODUCTS = re.compile(r"\.(o|ko|mod|mod\.c|cmd|a|order|symvers|dwo|tmp)$|^(\.tmp_versions|\.git)$")
 # Host tools a build needs, by the Debian package that has them.
 TOOLS = {"make": "make", "patch": "patch", "xz": "xz-utils", "tar": "tar", "dpkg-deb": "dpkg", "bash": "bash"}
+LOADING_TOOLS = {"insmod": "kmod", "rmmod": "kmod", "modprobe": "kmod"}
 RELEASE = re.compile(r"^[\w.+~-]+$")
 
 
@@ -188,62 +192,45 @@ def _ensure_tools(tools, log):
     missing = sorted({pkg for tool, pkg in tools.items() if not shutil.which(tool)})
     if not missing:
         return
-    _apt_update(log)
-    done = _run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing], log,
-                env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
-    if done.returncode:
-        raise ModuleError(f"building modules needs {' '.join(missing)}, and apt-get could not install them "
-                          f"({_last_line(done.stdout)})")
+    try:
+        archive.install(missing, log)
+    except archive.ArchiveError as e:
+        raise ModuleError(f"building modules needs {' '.join(missing)}: {e}") from None
+
+
+def ensure_loading_tools(log_path):
+    """insmod, rmmod and modprobe, with which a host loads the built modules."""
+    with open(log_path, "a") as log:
+        _ensure_tools(LOADING_TOOLS, log)
 
 
 # -- Debian's packages ----------------------------------------------------------------------------
-_apt_updated = []
+def _tell(log, message):
+    """A choice the user must know of (an older package than asked for): on stderr too."""
+    _say(log, message)
+    print(f"stackcheck: {message}", file=sys.stderr, flush=True)
 
 
-def _apt_update(log):
-    """apt-get update once per run: a fresh machine may have no package lists."""
-    if not _apt_updated:
-        _run(["apt-get", "update", "-qq"], log)
-        _apt_updated.append(True)
-
-
-def _apt_versions(package, log):
-    """The versions of package the archive offers, newest first (apt-get update once if none)."""
+def _offered(package, log):
+    """The versions of package in the archive, newest first (its lists brought up to date once a run)."""
     if not shutil.which("apt-cache"):
         raise ModuleError(f"no apt-cache here: Debian's {package} cannot be fetched on this machine")
-    for attempt in range(2):
-        listed = subprocess.run(["apt-cache", "madison", package], capture_output=True, text=True).stdout
-        versions = [line.split("|")[1].strip() for line in listed.splitlines() if line.count("|") >= 2]
-        if versions or attempt or _apt_updated:
-            return list(dict.fromkeys(versions))
-        _apt_update(log)
-    return []
+    archive.update(log)
+    return archive.versions(package)
 
 
 def _fetch(package, version, log):
-    """The .deb of package=version (version None: the newest), from our cache or apt-get download."""
+    """The .deb of package=version (version None: the archive's newest), from our cache
+    or apt-get download (which raises archive.ArchiveError, one line naming it)."""
     debs = os.path.join(CACHE, "debs")
-    os.makedirs(debs, exist_ok=True)
     with _locked(f"deb-{package}"):
         if version:
             pattern = re.compile(re.escape(f"{package}_{version.replace(':', '%3a')}_") + r"[^_]+\.deb$")
-            cached = [f for f in os.listdir(debs) if pattern.match(f)]
+            cached = [f for f in os.listdir(debs) if pattern.match(f)] if os.path.isdir(debs) else []
             if cached:
                 _say(log, f"{package} {version}: cached {cached[0]}")
                 return os.path.join(debs, cached[0])
-        # Into a directory of its own: apt-get's file name is the only thing there.
-        staging = tempfile.mkdtemp(dir=debs, prefix=".download-")
-        try:
-            wanted = f"{package}={version}" if version else package
-            done = _run(["apt-get", "download", wanted], log, cwd=staging)
-            names = os.listdir(staging)
-            if done.returncode or len(names) != 1:
-                raise ModuleError(f"apt-get download {package}{'=' + version if version else ''} failed "
-                                  f"({_last_line(done.stdout)})")
-            os.replace(os.path.join(staging, names[0]), os.path.join(debs, names[0]))
-            return os.path.join(debs, names[0])
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        return archive.download(package, version, debs, log)
 
 
 def _deb_field(deb, field):
@@ -266,10 +253,11 @@ def headers(release, kernel_version, log):
     """The kernel build directory (KDIR) for release.
 
     kernel_version (the image's Debian version) given: Debian's
-    linux-headers-<release> of that version, or of another version of the same
-    release (the release names the ABI) when the archive has moved on.  None (the
-    running kernel, or a bare vmlinuz): /lib/modules/<release>/build when it is
-    there, else Debian's headers of that release if the archive has them."""
+    linux-headers-<release> of that version.  When the archive no longer has it, or
+    does not answer, headers of another version of the same release (the release
+    names the ABI), cached or from the archive, said in one line.  None (the running
+    kernel, or a bare vmlinuz): /lib/modules/<release>/build when it is there, else
+    Debian's headers of that release, cached or from the archive."""
     if not RELEASE.match(release):
         raise ModuleError(f"not a kernel release: {release!r}")
     if kernel_version is None:
@@ -278,18 +266,28 @@ def headers(release, kernel_version, log):
             _say(log, f"headers for {release}: {installed}")
             return installed
     package = f"linux-headers-{release}"
-    cached = _cached_headers(release, kernel_version)
+    exact = _cached_headers(release, kernel_version)
+    if exact:
+        _say(log, f"headers for {release}: cached {exact}")
+        return exact
+    offered, why = _offered(package, log), ""
+    if kernel_version in offered:
+        try:
+            return _unpack_headers(release, package, kernel_version, log)
+        except archive.ArchiveError as e:
+            offered, why = [], str(e)  # the archive does not answer: only the cache is left
+    elif kernel_version:
+        why = f"Debian's archive has no {package} {kernel_version}, the image's version"
+    cached = _cached_headers(release, None)
     if cached:
-        _say(log, f"headers for {release}: cached {cached}")
+        _tell(log, f"{why}; using the cached {package} {_headers_version(cached)}, of the same ABI")
         return cached
-    versions = _apt_versions(package, log)
-    if not versions:
+    if not offered:
         where = "" if kernel_version else f" and /lib/modules/{release}/build is missing"
-        raise ModuleError(f"no kernel headers for {release}: Debian's archive has no {package}{where}")
-    version = kernel_version if kernel_version in versions else versions[0]
-    if kernel_version and version != kernel_version:
-        _say(log, f"{package} {kernel_version} is no longer in the archive; using {version} (same ABI)")
-    return _unpack_headers(release, package, version, log)
+        raise ModuleError(why or f"no kernel headers for {release}: Debian's archive has no {package}{where}")
+    if why:
+        _tell(log, f"{why}; using {package} {offered[0]}, of the same ABI")
+    return _unpack_headers(release, package, offered[0], log)
 
 
 def _headers_dir(release, version):
@@ -313,6 +311,12 @@ def _cached_headers(release, kernel_version):
         if os.path.isfile(os.path.join(kdir, "Makefile")):
             return kdir
     return None
+
+
+def _headers_version(kdir):
+    """The Debian version of cached headers, from their root's name (<release>_<version>)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(kdir)))
+    return os.path.basename(root).split("_", 1)[1]
 
 
 def _unpack_headers(release, package, version, log):
@@ -352,7 +356,7 @@ def fetch_headers(package, version, log):
     debs, compilers = [deb], []
     for name, relation, wanted in _depends(deb):
         if name.startswith(("linux-headers-", "linux-kbuild-")):
-            exact = relation == "=" or wanted in _apt_versions(name, log)
+            exact = relation == "=" or wanted in archive.versions(name)
             debs.append(_fetch(name, wanted if exact else None, log))
         elif m := re.match(r"linux-compiler-(gcc-\d+)-", name):
             compilers.append(m.group(1))
@@ -395,8 +399,11 @@ def source_package(kernel_version):
 def fetch_source(kernel_version, log):
     """The .deb of linux-source-X.Y=kernel_version (about 140 MB), cached."""
     package = source_package(kernel_version)
-    if not _cached_deb(package, kernel_version) and kernel_version not in _apt_versions(package, log):
-        raise ModuleError(f"Debian's archive has no {package} {kernel_version} (the image's version)")
+    if not _cached_deb(package, kernel_version):
+        offered = _offered(package, log)
+        if kernel_version not in offered:
+            now = f"; it has {offered[0]}" if offered else ""
+            raise ModuleError(f"Debian's archive has no {package} {kernel_version}, the image's version{now}")
     return _fetch(package, kernel_version, log)
 
 
@@ -405,7 +412,7 @@ def kernel_source(subtree, kernel_version, log):
     package = source_package(kernel_version)
     label = f"{package} {kernel_version}"
     root = os.path.join(CACHE, "source", f"{package}_{kernel_version}")
-    marker = os.path.join(root, ".extracted", hashlib.sha256(subtree.encode()).hexdigest()[:16])
+    marker = _extracted(subtree, kernel_version)
     with _locked(f"source-{package}_{kernel_version}"):
         if os.path.exists(marker):
             _say(log, f"{label}: {subtree} cached in {root}")
@@ -416,6 +423,23 @@ def kernel_source(subtree, kernel_version, log):
         with open(marker, "w") as f:
             f.write(subtree + "\n")
     return root, label
+
+
+def _extracted(subtree, kernel_version):
+    """The marker of subtree extracted from the source of kernel_version."""
+    package = source_package(kernel_version)
+    return os.path.join(CACHE, "source", f"{package}_{kernel_version}", ".extracted",
+                        hashlib.sha256(subtree.encode()).hexdigest()[:16])
+
+
+def cached(sources, release, kernel_version):
+    """Whether the cache holds what building sources for that kernel needs from
+    Debian's archive: headers of its release, and for linux-source its source."""
+    if sources and not _cached_headers(release, None):
+        return False
+    return all(os.path.exists(_extracted(s.path, kernel_version))
+               or _cached_deb(source_package(kernel_version), kernel_version)
+               for s in sources if s.kind == "linux-source")
 
 
 def _cached_deb(package, version):
@@ -453,17 +477,20 @@ def build(source, release, kernel_version, log_path):
         _say(log, f"--module {source.spec} for kernel {release}")
         try:
             kdir, tree, label = _prepare(source, release, kernel_version, log)
-        except ModuleError as e:
+        except (ModuleError, archive.ArchiveError) as e:
             raise ModuleError(f"--module {source.spec}: {e}") from None
         patches = tuple((os.path.basename(p), _file_sha256(p)) for p in source.patches)
         source_hash = _tree_sha256(tree, source.path if source.kind == "linux-source" else "", patches)
         key = hashlib.sha256(f"{BUILDER}\0{source.kind}\0{release}\0{source_hash}".encode()).hexdigest()[:32]
         done = os.path.join(BUILDS, key)
-        with _locked(f"build-{key}"):
-            if os.path.isfile(os.path.join(done, "built.json")):
-                _say(log, f"cached: {done} (same source, patches and release; no make)")
-                return _load(done, label)
-            return _build(source, release, kdir, tree, label, source_hash, patches, done, log, log_path)
+        # A build is renamed into place whole: a hit needs no lock (the cache may be
+        # read-only, as a guest sees it).
+        if not os.path.isfile(os.path.join(done, "built.json")):
+            with _locked(f"build-{key}"):
+                if not os.path.isfile(os.path.join(done, "built.json")):
+                    return _build(source, release, kdir, tree, label, source_hash, patches, done, log, log_path)
+        _say(log, f"cached: {done} (same source, patches and release; no make)")
+        return _load(done, label)
 
 
 def _prepare(source, release, kernel_version, log):

@@ -228,6 +228,16 @@ def _probe_userns(probe):
         probe.set("userns", False, f"cannot create a user namespace: {_errname(e)}")
 
 
+# The kernel's taint flags by bit (Documentation/admin-guide/tainted-kernels.rst).
+TAINT_FLAGS = "PFSRMBUDAWCIOELKXTN"
+
+
+def taint_text(value):
+    """/proc/sys/kernel/tainted as the kernel's own Oops line says it: 12288 (OE)."""
+    flags = "".join(flag for bit, flag in enumerate(TAINT_FLAGS) if int(value) >> bit & 1)
+    return f"{value} ({flags})" if flags else value
+
+
 def _modules_under_test():
     """The manifest of built modules, with the kernel's own word on each: the
     srcversion it loaded (proof that it is ours, not the in-tree one) and the
@@ -238,7 +248,7 @@ def _modules_under_test():
     with open(path) as f:
         built = json.load(f)
     with open("/proc/sys/kernel/tainted") as f:
-        taint = f.read().strip()
+        taint = taint_text(f.read().strip())
     for module in built:
         try:
             with open(f"/sys/module/{module['name'].replace('-', '_')}/srcversion") as f:

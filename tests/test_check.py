@@ -7,7 +7,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from conftest import harness_traces
+from conftest import CHECK_LIMIT, harness_traces, waits_for
 
 ONE_STACK = ("--stack", "overlay", "--underlay", "tmpfs")
 
@@ -74,6 +74,7 @@ def test_another_runs_injected_warning_is_ignored(check):
     assert kmsg.bad_lines(lines, "run-0-other")
 
 
+@waits_for(CHECK_LIMIT, CHECK_LIMIT)
 def test_pass_then_fail_then_pass_keeps_result_files_current(check):
     assert check("selftest/004", *ONE_STACK, selftest=True).returncode == 0
     assert check("selftest/001", *ONE_STACK, selftest=True).returncode == 1
@@ -139,6 +140,7 @@ def test_probe_prints_the_table(check):
         assert row in done.stdout
 
 
+@waits_for(900)
 def test_quick_group_passes_on_this_machine(check):
     """The suite itself: every quick case passes or is not run for a machine reason."""
     done = check("-g", "quick", "-j", "2", timeout=900)

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from conftest import NO_TRACES, harness_traces
+from conftest import CHECK_LIMIT, NO_TRACES, harness_traces, waits_for
 from harness.stacks import command
 
 BINDFS_TEMPLATE = ("bindfs -f -o dev,fsname={fsname} --uid-offset={uid_offset} --gid-offset={gid_offset} "
@@ -74,6 +74,7 @@ def outcomes(stdout, stack):
             for case, variant, text in OUTCOME.findall(stdout) if variant == stack}
 
 
+@waits_for(900)
 @needs_bindfs
 def test_a_template_runs_as_the_built_in_stack_does(check):
     """bindfs given as a template: every case has the same outcome and message as
@@ -134,6 +135,9 @@ def stackfs_template(name, *bugs):
             + "".join(f" --bug {b}" for b in bugs))
 
 
+REPRODUCTION_LIMIT = 120
+
+
 def run_reproduction(path, command_fix=None):
     import subprocess
     import sys
@@ -141,10 +145,11 @@ def run_reproduction(path, command_fix=None):
     text = open(path).read()
     if command_fix:
         text = command_fix(text)
-    return subprocess.run([sys.executable, "-"], input=text, capture_output=True, text=True, timeout=120,
+    return subprocess.run([sys.executable, "-"], input=text, capture_output=True, text=True, timeout=REPRODUCTION_LIMIT,
                           env=dict(os.environ, PYTHONPATH=ROOT))
 
 
+@waits_for(CHECK_LIMIT, REPRODUCTION_LIMIT, REPRODUCTION_LIMIT)
 @pytest.mark.parametrize("case_id, bug, diff", [
     ("stack/005", "unlinked-special", "DIFF  fstat(fd) of the unlinked null: (type, nlink): 'ENOENT'"),
     ("stack/010", "stale-dentry", "DIFF  read: md5 of F:"),
@@ -155,7 +160,7 @@ def test_a_reproduction_shows_the_bug_and_passes_without_it(check, case_id, bug,
     run by hand, shows the bug; the same script with the switch taken out of its
     command finds no difference."""
     done = check("--stack-command", stackfs_template("buggy", bug), "--stack", "buggy", "--underlay", "tmpfs",
-                 case_id, timeout=600)
+                 case_id)
     assert done.returncode == 1, done.stdout + done.stderr
     stem = os.path.join(check.section_dir(), case_id.split("/")[0], case_id.split("/")[1] + ".buggy-tmpfs")
     assert "reproduction outside stackcheck" in open(stem + ".out.bad").read()

@@ -1,23 +1,21 @@
 """--module SRC: modules built from source for Debian's 6.1 kernel (harness/modules.py).
 
 Real builds with the host's gcc against Debian's headers of the image's exact
-version: shiftfs (a DKMS tree, ../shared/shiftfs) and overlayfs from Debian's
-linux-source of that version, with and without a patch of ours.  The headers,
-the source package and its extracted subtree stay in stackcheck's cache; the
-builds of each test go to its own scratch, so every run really builds.
+version: a small DKMS tree of our own (tests/module_tree.py), plain Kbuild
+directories, and overlayfs from Debian's linux-source of that version, with and
+without a patch of ours.  The headers, the source package and its extracted
+subtree stay in stackcheck's cache; the builds of each test go to its own
+scratch, so every run really builds.
 """
 
+import difflib
 import os
 import shutil
 
 import pytest
 
 from harness import modules, vm
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHIFTFS = os.path.join(ROOT, "..", "shared", "shiftfs")
-needs_shiftfs = pytest.mark.skipif(not os.path.isfile(os.path.join(SHIFTFS, "dkms.conf")),
-                                   reason="no shiftfs source at ../shared/shiftfs (the test material)")
+from module_tree import DESCRIPTION, NAME, write_dkms_tree, write_kbuild_tree
 
 # Adds a .modinfo entry to overlay.ko: a visible effect, and a new srcversion.
 OVERLAY_PATCH = """\
@@ -34,6 +32,7 @@ OVERLAY_PATCH = """\
 """
 # The same change against context that is not there.
 STALE_PATCH = OVERLAY_PATCH.replace('MODULE_LICENSE("GPL");', 'MODULE_LICENSE("GPL v2");')
+C_FILE = f"{NAME}.c"
 
 
 @pytest.fixture(scope="module")
@@ -55,19 +54,15 @@ def log(tmp_path):
     return str(tmp_path / "build.log")
 
 
+@pytest.fixture
+def tree(tmp_path):
+    """Our DKMS tree, fresh in this test's scratch."""
+    return write_dkms_tree(tmp_path / NAME)
+
+
 def read(path):
     with open(path, errors="replace") as f:
         return f.read()
-
-
-def writable_copy(tree, target):
-    """A copy of a (read-only) tree that the test may change."""
-    shutil.copytree(tree, target)
-    for directory, _, files in os.walk(target):
-        os.chmod(directory, 0o755)
-        for name in files:
-            os.chmod(os.path.join(directory, name), 0o644)
-    return str(target)
 
 
 def edit(path, old, new):
@@ -84,11 +79,9 @@ def one_line(error):
 
 
 # -- parse: checked before anything is built ----------------------------------------------------------
-@needs_shiftfs
-def test_parse_knows_a_dkms_tree_a_kbuild_dir_and_linux_source(tmp_path):
-    assert modules.parse(SHIFTFS) == modules.ModuleSource(SHIFTFS, "dkms", os.path.abspath(SHIFTFS))
-    (tmp_path / "Kbuild").write_text("obj-m := hello.o\n")
-    assert modules.parse(str(tmp_path)).kind == "kbuild"
+def test_parse_knows_a_dkms_tree_a_kbuild_dir_and_linux_source(tree, tmp_path):
+    assert modules.parse(tree) == modules.ModuleSource(tree, "dkms", tree)
+    assert modules.parse(write_kbuild_tree(tmp_path / "kbuild")).kind == "kbuild"
     patch = tmp_path / "fix.patch"
     patch.write_text(OVERLAY_PATCH)
     source = modules.parse(f"linux-source:fs/overlayfs/+{patch}")
@@ -108,10 +101,9 @@ def test_parse_refuses_a_directory_that_is_no_module_tree(tmp_path):
     assert "is not a module source tree (no dkms.conf, no Kbuild, no Makefile with obj-m)" in one_line(error)
 
 
-@needs_shiftfs
-def test_parse_refuses_a_missing_or_unreadable_patch(tmp_path):
+def test_parse_refuses_a_missing_or_unreadable_patch(tree, tmp_path):
     with pytest.raises(modules.ModuleError) as error:
-        modules.parse(f"{SHIFTFS}+{tmp_path}/fix.patch")
+        modules.parse(f"{tree}+{tmp_path}/fix.patch")
     assert one_line(error).endswith("patch " + f"{tmp_path}/fix.patch: No such file or directory")
     with pytest.raises(modules.ModuleError) as error:
         modules.parse(f"linux-source:fs/overlayfs+{tmp_path}")
@@ -133,16 +125,16 @@ def test_parse_refuses_a_patch_outside_the_rebuilt_subtree(tmp_path):
             modules.parse(bad)
 
 
-# -- shiftfs, a DKMS tree --------------------------------------------------------------------------------
-@needs_shiftfs
-def test_shiftfs_builds_for_debians_kernel_and_a_second_build_is_cached(kernel, log):
+# -- a DKMS tree -----------------------------------------------------------------------------------------
+def test_a_dkms_tree_builds_for_debians_kernel_and_a_second_build_is_cached(kernel, log, tree):
     release, version = kernel.release, kernel.version
-    source = modules.parse(SHIFTFS)
+    source = modules.parse(tree)
     (built,) = modules.build(source, release, version, log)
-    assert built.name == "shiftfs" and built.release == release
-    assert built.source == f"{os.path.abspath(SHIFTFS)} (dkms shiftfs)"
+    assert built.name == NAME and built.release == release
+    assert built.source == f"{tree} (dkms {NAME})"
     info = modules.modinfo(built.path)
-    assert info["name"] == "shiftfs" and info["vermagic"].startswith(release + " ")
+    assert info["name"] == NAME and info["vermagic"].startswith(release + " ")
+    assert info["description"] == DESCRIPTION
     assert info["srcversion"] == built.srcversion and len(built.srcversion) == 23
     assert (built.vermagic, built.depends) == (info["vermagic"], ())
     assert "make -j" in read(log)
@@ -150,65 +142,61 @@ def test_shiftfs_builds_for_debians_kernel_and_a_second_build_is_cached(kernel, 
 
     again = modules.build(source, release, version, log)
     assert again == [built] and os.stat(built.path).st_mtime_ns == mtime
-    second = read(log).rsplit(f"--module {SHIFTFS} for kernel", 1)[1]
+    second = read(log).rsplit(f"--module {tree} for kernel", 1)[1]
     assert "cached:" in second and "$ " not in second  # no command ran: no make
 
 
-@needs_shiftfs
-def test_a_changed_source_byte_rebuilds(kernel, log, tmp_path):
+def test_a_changed_source_byte_rebuilds(kernel, log, tree, tmp_path):
     release, version = kernel.release, kernel.version
-    (original,) = modules.build(modules.parse(SHIFTFS), release, version, log)
-    tree = writable_copy(SHIFTFS, tmp_path / "shiftfs")
-    (copy,) = modules.build(modules.parse(tree), release, version, log)
+    (original,) = modules.build(modules.parse(tree), release, version, log)
+    copy_tree = str(shutil.copytree(tree, tmp_path / "elsewhere"))
+    (copy,) = modules.build(modules.parse(copy_tree), release, version, log)
     assert copy.source_hash == original.source_hash  # the content is the key, not the place
     assert copy.path == original.path
-    assert copy.source == f"{tree} (dkms shiftfs)"  # but the results name the place it came from
+    assert copy.source == f"{copy_tree} (dkms {NAME})"  # but the results name the place it came from
 
-    edit(os.path.join(tree, "shiftfs.c"), '"id shifting filesystem"', '"Id shifting filesystem"')
-    (changed,) = modules.build(modules.parse(tree), release, version, log)
+    edit(os.path.join(copy_tree, C_FILE), DESCRIPTION, DESCRIPTION.capitalize())
+    (changed,) = modules.build(modules.parse(copy_tree), release, version, log)
     assert changed.source_hash != original.source_hash and changed.path != original.path
-    assert modules.modinfo(changed.path)["description"] == "Id shifting filesystem"
+    assert modules.modinfo(changed.path)["description"] == DESCRIPTION.capitalize()
     assert changed.srcversion != original.srcversion
     assert read(log).rsplit("--module", 1)[1].count("make -j") == 1
 
 
-@needs_shiftfs
-def test_a_broken_source_is_one_line_naming_module_and_kernel_and_the_log_has_why(kernel, log, tmp_path):
+def test_a_broken_source_is_one_line_naming_module_and_kernel_and_the_log_has_why(kernel, log, tree):
     release, version = kernel.release, kernel.version
-    tree = writable_copy(SHIFTFS, tmp_path / "shiftfs")
-    with open(os.path.join(tree, "shiftfs.c"), "a") as f:
+    c_file = os.path.join(tree, C_FILE)
+    broken_line = read(c_file).count("\n") + 2  # after an empty line
+    with open(c_file, "a") as f:
         f.write("\nint stackcheck_broken = ;\n")
     with pytest.raises(modules.ModuleError) as error:
         modules.build(modules.parse(tree), release, version, log)
     message = one_line(error)
     assert message.startswith(f"--module {tree}: building for kernel {release} failed (see {log}): ")
-    assert message.endswith("): shiftfs.c:2205:25: error: expected expression before ';' token")
+    assert message.endswith(f"): {C_FILE}:{broken_line}:25: error: expected expression before ';' token")
     assert "error: expected expression before ';' token" in read(log)
     assert not os.listdir(modules.BUILDS)  # no half-built entry left in the cache
 
 
-@needs_shiftfs
-def test_dkms_build_exclusive_kernel_refuses_another_release(kernel, log, tmp_path):
+def test_dkms_build_exclusive_kernel_refuses_another_release(kernel, log, tree):
     release, version = kernel.release, kernel.version
-    tree = writable_copy(SHIFTFS, tmp_path / "shiftfs")
-    conf = os.path.join(tree, "dkms.conf")
-    edit(conf, 'BUILD_EXCLUSIVE_KERNEL="^6.(1|2).*"', 'BUILD_EXCLUSIVE_KERNEL="^5\\."')
+    edit(os.path.join(tree, "dkms.conf"), 'BUILD_EXCLUSIVE_KERNEL="^6\\."', 'BUILD_EXCLUSIVE_KERNEL="^5\\."')
     with pytest.raises(modules.ModuleError) as error:
         modules.build(modules.parse(tree), release, version, log)
-    assert one_line(error) == (f"--module {tree}: shiftfs does not build for kernel {release} "
+    assert one_line(error) == (f"--module {tree}: {NAME} does not build for kernel {release} "
                                '(dkms.conf BUILD_EXCLUSIVE_KERNEL="^5\\.")')
 
 
-@needs_shiftfs
-def test_a_dkms_tree_takes_patches_too(kernel, log, tmp_path):
+def test_a_dkms_tree_takes_patches_too(kernel, log, tree, tmp_path):
     release, version = kernel.release, kernel.version
+    original = read(os.path.join(tree, C_FILE))
+    patched = original.replace(DESCRIPTION, DESCRIPTION + ", patched")
     patch = tmp_path / "describe.patch"
-    patch.write_text("--- a/shiftfs.c\n+++ b/shiftfs.c\n@@ -2200 +2200 @@\n"
-                     '-MODULE_DESCRIPTION("id shifting filesystem");\n'
-                     '+MODULE_DESCRIPTION("id shifting filesystem, patched");\n')
-    (built,) = modules.build(modules.parse(f"{SHIFTFS}+{patch}"), release, version, log)
-    assert modules.modinfo(built.path)["description"] == "id shifting filesystem, patched"
-    assert built.source == f"{os.path.abspath(SHIFTFS)} (dkms shiftfs) + describe.patch"
+    patch.write_text("".join(difflib.unified_diff(original.splitlines(True), patched.splitlines(True),
+                                                  f"a/{C_FILE}", f"b/{C_FILE}")))
+    (built,) = modules.build(modules.parse(f"{tree}+{patch}"), release, version, log)
+    assert modules.modinfo(built.path)["description"] == DESCRIPTION + ", patched"
+    assert built.source == f"{tree} (dkms {NAME}) + describe.patch"
 
 
 def test_dkms_variables_and_layout_are_dkms_own(kernel, log, tmp_path):
@@ -237,11 +225,7 @@ def test_dkms_variables_and_layout_are_dkms_own(kernel, log, tmp_path):
 
 def test_the_running_kernel_builds_against_its_own_headers_or_says_they_are_missing(log, tmp_path):
     release = os.uname().release
-    (tmp_path / "hello").mkdir()
-    (tmp_path / "hello" / "Kbuild").write_text("obj-m := stackcheck_hello.o\n")
-    (tmp_path / "hello" / "stackcheck_hello.c").write_text(
-        '#include <linux/module.h>\nMODULE_LICENSE("GPL");\n')
-    source = modules.parse(str(tmp_path / "hello"))
+    source = modules.parse(write_kbuild_tree(tmp_path / "hello"))
     if os.path.isfile(f"/lib/modules/{release}/build/Makefile"):
         (built,) = modules.build(source, release, None, log)
         assert built.vermagic.startswith(release + " ")
@@ -254,13 +238,9 @@ def test_the_running_kernel_builds_against_its_own_headers_or_says_they_are_miss
 
 def test_a_plain_kbuild_directory_builds(kernel, log, tmp_path):
     release, version = kernel.release, kernel.version
-    (tmp_path / "hello").mkdir()
-    (tmp_path / "hello" / "Kbuild").write_text("obj-m := stackcheck_hello.o\n")
-    (tmp_path / "hello" / "stackcheck_hello.c").write_text(
-        '#include <linux/module.h>\nMODULE_LICENSE("GPL");\nMODULE_INFO(stackcheck, "hello");\n')
-    (built,) = modules.build(modules.parse(str(tmp_path / "hello")), release, version, log)
-    assert built.name == "stackcheck_hello" and built.source == f"{tmp_path}/hello (kbuild)"
-    assert modules.modinfo(built.path)["stackcheck"] == "hello"
+    (built,) = modules.build(modules.parse(write_kbuild_tree(tmp_path / "hello")), release, version, log)
+    assert built.name == NAME and built.source == f"{tmp_path}/hello (kbuild)"
+    assert modules.modinfo(built.path)["description"] == DESCRIPTION
     assert f"M={modules.BUILDS}" in read(log) and " modules\n" in read(log)
 
 

@@ -7,12 +7,13 @@ import tempfile
 
 import pytest
 
-from conftest import NO_TRACES, harness_traces
+from conftest import NO_TRACES, harness_traces, waits_for
 from harness import container, mounts, syscalls
 
 ROUNDS = 50
 
 
+@waits_for(900)
 def test_remounts_at_j2_with_containers_never_find_the_layers_busy(check):
     """Every overlay variant (index=on included) x ext4 and tmpfs, ROUNDS rounds each
     of remount (and unmount+mount of the underlay too, on ext4) while both workers'

@@ -8,7 +8,7 @@ import signal
 import psutil
 import pytest
 
-from conftest import NO_TRACES, harness_traces
+from conftest import CHECK_LIMIT, NO_TRACES, harness_traces, waits_for
 
 ONE_STACK = ("--stack", "idmapped", "--underlay", "ext4")
 
@@ -28,6 +28,10 @@ def run_dirs(check):
     return [name for name in os.listdir(check.run_base) if name.startswith("run-")]
 
 
+ANNOUNCE_LIMIT = 120  # from ./check's start to the case's stack mounted
+TEARDOWN_LIMIT = 120  # from a signal to ./check's exit
+
+
 def start_blocking_case(check, marker, stack="idmapped", underlay="ext4"):
     """./check on selftest/005; returns once the case is inside the stack user's
     process with the stack mounted (it says so through a FIFO: no sleep)."""
@@ -42,7 +46,7 @@ def start_blocking_case(check, marker, stack="idmapped", underlay="ext4"):
     exited = os.pidfd_open(proc.pid)
     try:
         # Wait for the announcement, or for ./check to end without making it.
-        ready, _, _ = select.select([announce, exited], [], [], 120)
+        ready, _, _ = select.select([announce, exited], [], [], ANNOUNCE_LIMIT)
         if announce not in ready:
             proc.kill()
             out, err = proc.communicate()
@@ -78,18 +82,20 @@ def test_a_stack_user_left_running_by_a_failed_case_is_ended_before_teardown(che
     assert processes_of("leftuser") == []
 
 
+@waits_for(ANNOUNCE_LIMIT, TEARDOWN_LIMIT)
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_signal_mid_case_tears_down(check, signum):
     marker = f"leaktest-signal-{signum}"
     proc = start_blocking_case(check, marker)
     proc.send_signal(signum)
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=TEARDOWN_LIMIT)
     assert proc.returncode == 2, out + err
     assert harness_traces(check.run_base) == NO_TRACES
     assert processes_of(marker, check.results) == []
     assert run_dirs(check) == []
 
 
+@waits_for(ANNOUNCE_LIMIT, TEARDOWN_LIMIT, CHECK_LIMIT)
 @pytest.mark.parametrize("stack_kind, underlay", [("idmapped", "ext4"), ("fuse-shift", "ext4"),
                                                   ("idmapped", "ext4-zram")])
 def test_sigkill_leftovers_are_removed_by_the_next_run(check, stack_kind, underlay):
@@ -98,7 +104,7 @@ def test_sigkill_leftovers_are_removed_by_the_next_run(check, stack_kind, underl
     marker = f"leaktest-sigkill-{stack_kind}-{underlay}"
     proc = start_blocking_case(check, marker, stack_kind, underlay)
     proc.kill()
-    proc.communicate(timeout=60)
+    proc.communicate(timeout=TEARDOWN_LIMIT)
     left = harness_traces(check.run_base)
     assert left["mounts"], "SIGKILL cannot tear down: the stack and underlay stay mounted"
     (dead_run,) = run_dirs(check)
@@ -116,6 +122,7 @@ def test_sigkill_leftovers_are_removed_by_the_next_run(check, stack_kind, underl
     assert run_dirs(check) == []
 
 
+@waits_for(ANNOUNCE_LIMIT, CHECK_LIMIT, TEARDOWN_LIMIT)
 def test_live_runs_are_not_touched(check):
     """A second run started while the first is mid-case leaves the first alone."""
     marker = "leaktest-concurrent"
@@ -128,7 +135,7 @@ def test_live_runs_are_not_touched(check):
         assert harness_traces(check.run_base) == before
     finally:
         proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=120)
+        proc.communicate(timeout=TEARDOWN_LIMIT)
     assert harness_traces(check.run_base) == NO_TRACES
 
 

@@ -26,6 +26,16 @@ def _lisp_string(text):
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def _identity(path):
+    """Which file is at path, and when it last changed: a backup made over an older F~
+    (one the host made, say) replaces or rewrites it."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_ctime_ns
+
+
 @register
 class Emacs(Client):
     name = "emacs"
@@ -47,7 +57,7 @@ class Emacs(Client):
 
     def save(self, path, new, style, session):
         directory, name = os.path.split(path)
-        had_backup = os.path.lexists(path + "~")
+        backup_before = _identity(path + "~")
         text = new.decode().rstrip("\n")
         if style == "batch":
             self.do(self.save_steps(name, new, style), directory, session)
@@ -61,7 +71,7 @@ class Emacs(Client):
             self.wait(emacs, r"Wrote ", "the 'Wrote' message of C-x C-s")
             emacs.send("\x18\x03")              # C-x C-c
             self.finish(emacs, "C-x C-c")
-        made_backup = os.path.lexists(path + "~") and not had_backup
+        made_backup = _identity(path + "~") not in (None, backup_before)
         if style in ("backup-rename", "backup-copy") and not made_backup:
             raise ClientFailed(f"emacs ({style}) saved {name} without making {name}~")
         return name + "~" if made_backup else None

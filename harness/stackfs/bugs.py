@@ -7,6 +7,14 @@ BUGS = {
         "Here: name lookups (and names found absent) are answered from the daemon's cache, and "
         "the kernel may keep them for an hour; attributes and data stay fresh, so an edit in "
         "place (same inode) is still seen, as it was with shiftfs."),
+    "renamed-lower": (
+        "LP#1879196 as it stayed after its fix (shift mode only): shiftfs_d_revalidate keeps a "
+        "dentry while its lower dentry is hashed and of the same sign, and a lower dentry "
+        "that rename() moved to another name (F to F~, emacs' backup) is both, so F keeps "
+        "reaching the file now called F~: reads, stats, writes and O_TRUNC opens, unlinks "
+        "and renames. Here: a name keeps the node it was first found as while the "
+        "underlying object has a link; the kernel revalidates each lookup with the daemon "
+        "(no timeout), as it calls d_revalidate."),
     "estale-reopen": (
         "LP#1872757: shiftfs failed to reopen an unlinked file through /proc/<pid>/fd with "
         "ESTALE. Here: open() of an inode whose link count is 0 fails with ESTALE."),

@@ -86,6 +86,7 @@ class ShiftFS(pyfuse3.Operations, metaclass=_ErrnoMeta):
         self.nodes = {}
         self.by_key = {}
         self.names = {}     # stale-dentry: (parent inode, name) -> inode (0: absent), never revalidated
+        self.kept = {}      # renamed-lower: (parent inode, name) -> the Node it was found as
         self.handles = {}   # fh -> Node, for per-file sync bookkeeping
         self.dirs = {}      # fh -> directory listing, taken at the first readdir
         self._next_high = HIGH_INODES
@@ -153,8 +154,55 @@ class ShiftFS(pyfuse3.Operations, metaclass=_ErrnoMeta):
 
     # -- lookups and attributes --------------------------------------------------------
     async def lookup(self, parent_inode, name, ctx):
-        stale = "stale-dentry" in self.bugs
-        if stale and (parent_inode, name) in self.names:
+        if "stale-dentry" in self.bugs:
+            return self._stale_lookup(parent_inode, name)
+        return self._entry(self._node_named(parent_inode, name))
+
+    def _node_named(self, parent_inode, name):
+        """The node of name in parent (lookups and readdir), lookup count +1."""
+        node = self._kept(parent_inode, name)
+        if node is not None:
+            node.lookups += 1
+            return node
+        node = self._node_at(self.nodes[parent_inode], name)
+        if "renamed-lower" in self.bugs:
+            if stat.S_ISDIR(node.stat.st_mode):  # one dentry per directory: d_splice_alias moves it here
+                self.kept = {key: kept for key, kept in self.kept.items() if kept is not node}
+            self.kept[(parent_inode, name)] = node
+        return node
+
+    def _kept(self, parent_inode, name):
+        """renamed-lower: the node a name was found as, while its underlying object
+        has a link (shiftfs_d_revalidate keeps a dentry while its lower dentry is
+        hashed and positive; rename() moves a lower dentry, hashed, to the new name).
+        A link count of 0 stands for an unhashed lower dentry: the two differ only
+        for a file with other hard links whose name was unlinked."""
+        node = self.kept.get((parent_inode, name))
+        if node is None:
+            return None
+        if self.nodes.get(node.inode) is node:
+            node.stat = os.fstat(node.fd)
+            if node.stat.st_nlink:
+                return node
+        del self.kept[(parent_inode, name)]  # forgotten by the kernel, or unlinked: a lookup anew
+        return None
+
+    def _lower_name(self, parent_inode, name):
+        """The underlying name an unlink or rename through the stack acts on: with
+        renamed-lower, the name a kept node has in the directory now (shiftfs acts on
+        the lower dentry, wherever rename() moved it; a name that is still one of its
+        links stays).  The kernel drops or moves its dentry: the name is not kept."""
+        node = self._kept(parent_inode, name)
+        self.kept.pop((parent_inode, name), None)
+        if node is None:
+            return name
+        with os.scandir(os.fsencode(self.nodes[parent_inode].proc)) as entries:
+            links = [e.name for e in entries if e.inode() == node.keys[0][1]]
+        return name if name in links or not links else links[0]
+
+    def _stale_lookup(self, parent_inode, name):
+        """stale-dentry: the first answer for a name, whatever the underlay did since."""
+        if (parent_inode, name) in self.names:
             inode = self.names[(parent_inode, name)]
             if inode == 0:
                 return self._negative_entry()
@@ -165,12 +213,9 @@ class ShiftFS(pyfuse3.Operations, metaclass=_ErrnoMeta):
         try:
             node = self._node_at(self.nodes[parent_inode], name)
         except FileNotFoundError:
-            if not stale:
-                raise
             self.names[(parent_inode, name)] = 0
             return self._negative_entry()
-        if stale:
-            self.names[(parent_inode, name)] = node.inode
+        self.names[(parent_inode, name)] = node.inode
         return self._entry(node)
 
     def _negative_entry(self):
@@ -275,14 +320,14 @@ class ShiftFS(pyfuse3.Operations, metaclass=_ErrnoMeta):
         return pyfuse3.FileInfo(fh=fd), self._entry(node)
 
     async def unlink(self, parent_inode, name, ctx):
-        os.unlink(name, dir_fd=self.nodes[parent_inode].fd)
+        os.unlink(self._lower_name(parent_inode, name), dir_fd=self.nodes[parent_inode].fd)
 
     async def rmdir(self, parent_inode, name, ctx):
-        os.rmdir(name, dir_fd=self.nodes[parent_inode].fd)
+        os.rmdir(self._lower_name(parent_inode, name), dir_fd=self.nodes[parent_inode].fd)
 
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        syscalls.renameat2(self.nodes[parent_inode_old].fd, name_old,
-                           self.nodes[parent_inode_new].fd, name_new, flags)
+        syscalls.renameat2(self.nodes[parent_inode_old].fd, self._lower_name(parent_inode_old, name_old),
+                           self.nodes[parent_inode_new].fd, self._lower_name(parent_inode_new, name_new), flags)
 
     async def link(self, inode, new_parent_inode, new_name, ctx):
         node, parent = self.nodes[inode], self.nodes[new_parent_inode]
@@ -348,11 +393,10 @@ class ShiftFS(pyfuse3.Operations, metaclass=_ErrnoMeta):
         await self._reply_entries(inode, names, start_id, token)
 
     async def _reply_entries(self, inode, names, start_id, token):
-        parent = self.nodes[inode]
         for index in range(start_id, len(names)):
             name = os.fsencode(names[index])
             try:
-                node = self._node_at(parent, name)
+                node = self._node_named(inode, name)
             except FileNotFoundError:  # gone since the listing
                 continue
             if not pyfuse3.readdir_reply(token, name, self._entry(node), index + 1):

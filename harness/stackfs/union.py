@@ -48,6 +48,8 @@ class UnionFS(ShiftFS):
         self.lowers = [os.path.realpath(p) for p in lowers]
         self.layers = [self.upper] + self.lowers  # top first
         self.opaque_xattr = "user.overlay.opaque" if userxattr else "trusted.overlay.opaque"
+        if "renamed-lower" in bugs:  # its unlink and rename name lower objects by path, not by kept node
+            raise ValueError("the renamed-lower bug switch is for shift mode (shiftfs) only")
         super().__init__(upper, None, bugs)
         root = self.nodes[pyfuse3.ROOT_INODE]
         root.rel, root.layer = "", 0
