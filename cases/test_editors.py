@@ -93,6 +93,13 @@ def session_for(stack, owner=0):
     return clients.Session(home)
 
 
+def templates(stack):
+    """Where the host's repositories are made once for the run (Client.prepare): beside the
+    stack, kept from case to case.  The container makes its own every time: its brz and git
+    init run through the stack, and are part of what the case tests."""
+    return os.path.join(stack.workdir, "client-templates")
+
+
 def host_edit_case(stack, name, style):
     client = clients.client(name)
     session = session_for(stack)
@@ -100,7 +107,7 @@ def host_edit_case(stack, name, style):
     new = new_content(name, style)
     replace_under_stack(stack, lambda path: client.save_and_check(path, new, style, session),
                         f"{name} ({style})", OLD, new=new,
-                        prepare=lambda path, old: client.prepare(path, old, new, session))
+                        prepare=lambda path, old: client.prepare(path, old, new, session, templates(stack)))
 
 
 def _edit_in_container(root, name, style, home, prepare=True):

@@ -8,6 +8,7 @@ user or system init files, TERM and locale set, and a timeout on every wait; a
 program that shows something unexpected fails with its screen or output.
 """
 
+import hashlib
 import importlib
 import os
 import pkgutil
@@ -102,8 +103,25 @@ class Client:
         program without one: what a reproduction outside stackcheck runs."""
         raise NotImplementedError
 
-    def prepare(self, path, old, new, session):
-        self.do(self.prepare_steps(os.path.basename(path), old, new), os.path.dirname(path), session)
+    def prepare(self, path, old, new, session, templates=None):
+        """Lay out F holding `old` and what the save needs.  With templates (a directory
+        kept for the run), steps that run programs (a repository made and committed to)
+        run once per starting point, there, and F's directory gets a copy of what they
+        made: the same files, at a fraction of the cost."""
+        directory, name = os.path.split(path)
+        steps = self.prepare_steps(name, old, new)
+        # the copy is of F's directory alone: steps that touch HOME run every time
+        if templates is None or all(isinstance(s, Write) for s in steps) or "{home}" in repr(steps):
+            self.do(steps, directory, session)
+            return
+        template = os.path.join(templates, hashlib.sha256(repr((self.name, steps)).encode()).hexdigest()[:16])
+        if not os.path.isdir(template):
+            shutil.rmtree(template + ".new", ignore_errors=True)  # a failed attempt's
+            os.makedirs(template + ".new")
+            self.do(steps, template + ".new", session)
+            os.rename(template + ".new", template)
+        # copy, not copy2: the files' times are the layout's, as if the steps had just run here
+        shutil.copytree(template, directory, symlinks=True, copy_function=shutil.copy, dirs_exist_ok=True)
 
     def save(self, path, new, style, session):
         """Run the program so that F ends up holding `new`; the backup's name or None."""
@@ -130,8 +148,8 @@ class Client:
     # -- helpers for the modules ------------------------------------------------------------
     def run(self, argv, session, cwd):
         """A non-interactive command on a pty; its output, or ClientFailed with it."""
-        output, status = pexpect.run(argv[0], args=argv[1:], env=session.env(self.env), cwd=cwd, timeout=TIMEOUT,
-                                     withexitstatus=True, encoding="utf-8", codec_errors="replace")
+        child = self.spawn(argv, session, cwd)
+        output, status = self.finish(child, "its exit", check=False)
         if status != 0:
             shown = screen_text(output)
             last = shown.splitlines()[-1] if shown else "no output"
@@ -139,8 +157,16 @@ class Client:
         return output
 
     def spawn(self, argv, session, cwd):
-        return pexpect.spawn(argv[0], args=argv[1:], env=session.env(self.env), cwd=cwd, timeout=TIMEOUT,
-                             encoding="utf-8", codec_errors="replace", dimensions=(24, 100))
+        child = pexpect.spawn(argv[0], args=argv[1:], env=session.env(self.env), cwd=cwd, timeout=TIMEOUT,
+                              encoding="utf-8", codec_errors="replace", dimensions=(24, 100))
+        # pexpect sleeps 50 ms before every send, for programs that flush typeahead at a
+        # prompt; these editors read their typeahead in order, and we send only once
+        # their screen is up.
+        child.delaybeforesend = None
+        # ptyprocess sleeps 100 ms in close() for the child's exit status; after EOF close()
+        # gets it from a blocking waitpid (finish), and the sleep only delays that.
+        child.ptyproc.delayafterclose = 0
+        return child
 
     @staticmethod
     def wait(child, pattern, what):
@@ -154,12 +180,15 @@ class Client:
             raise ClientFailed(f"{child.name} {kind} waiting for {what}; its screen:\n{shown}") from None
 
     @staticmethod
-    def finish(child, what):
-        """Wait for the program to exit by itself, with status 0."""
+    def finish(child, what, check=True):
+        """Wait for the program to exit by itself, with status 0 if check; its output
+        since the last wait and its exit status."""
         Client.wait(child, pexpect.EOF, what)
+        output = child.before
         child.close()
-        if child.exitstatus != 0:
+        if check and child.exitstatus != 0:
             raise ClientFailed(f"{child.name} exited with status {child.exitstatus} after {what}")
+        return output, child.exitstatus
 
 
 _VERSIONS = {}  # command -> its version line: asked once per process
@@ -176,13 +205,41 @@ def leftover_processes():
     """This process's descendants that are not Python (the stack users are forks of
     the harness): a client's editor, daemon or helper still running."""
     left = []
-    for proc in psutil.Process().children(recursive=True):
+    for pid in _descendants():
         try:
+            proc = psutil.Process(pid)
             if proc.exe() != os.path.realpath(sys.executable) and proc.status() != psutil.STATUS_ZOMBIE:
-                left.append(f"{proc.pid} {proc.name()}")
+                left.append(f"{pid} {proc.name()}")
         except psutil.NoSuchProcess:
             continue
     return left
+
+
+def _descendants():
+    """This process's descendants, from the kernel's list of each thread's children: reads
+    only these (psutil's children() reads every process on the machine, twice a save).
+    psutil's where the kernel keeps no such lists (CONFIG_PROC_CHILDREN)."""
+    me = os.getpid()
+    if not os.path.exists(f"/proc/{me}/task/{me}/children"):
+        return [p.pid for p in psutil.Process().children(recursive=True)]
+    return _under(me)
+
+
+def _under(pid):
+    found = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:  # exited meanwhile
+        return found
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                children = [int(child) for child in f.read().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        for child in children:
+            found += [child, *_under(child)]
+    return found
 
 
 for _module in pkgutil.iter_modules(__path__):

@@ -34,8 +34,10 @@ class Vim(Client):
 
     def save(self, path, new, style, session):
         directory, name = os.path.split(path)
+        # t_u7=: no cursor-position queries (Vim's ambiwidth and xterm probes); the pty never
+        # answers them, and Vim waits 100 ms for the answer on exit.
         vim = self.spawn([self.command, "-u", "NONE", "-i", "NONE", "-N", "-n",
-                          "--cmd", f"set backupcopy={style} backupskip=", name], session, directory)
+                          "--cmd", f"set backupcopy={style} backupskip= t_u7=", name], session, directory)
         self.wait(vim, rf'"{name}" \d+L', f"{name} loaded (its line count on the status line)")
         vim.send("ggdG")                        # the whole buffer deleted
         vim.send("i" + new.decode().rstrip("\n") + "\x1b")
